@@ -1,0 +1,1 @@
+"""Backend adapters, one module per kind of backend (see coalesce.adapter)."""

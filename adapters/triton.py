@@ -1,0 +1,128 @@
+"""`type: triton` — a model on a Triton Inference Server, via tritonclient.grpc.aio.
+
+The model's own config is read so that no batch exceeds its max_batch_size; a
+model with batching off (max_batch_size 0) is called once per row. An
+unreachable Triton is not an error at start-up: the adapter reports not ready
+and reads the config on the first call after Triton comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.grpc import aio
+from tritonclient.utils import InferenceServerException
+
+from ..config import TritonBackend
+from ..errors import (
+    BackendError,
+    CoalesceError,
+    DeadlineExceeded,
+    InvalidArgument,
+    Unavailable,
+    status_from_name,
+)
+from ..request import ModelInfo, TensorSpec, Tensors
+from ..tensors import datatype_of
+
+log = logging.getLogger("coalesce")
+_PROBE_TIMEOUT_S = 2.0
+
+
+def _translate(exc: InferenceServerException, backend: str) -> CoalesceError:
+    code = status_from_name(exc.status() or "")
+    message = f"backend '{backend}': {exc.message()}"
+    kinds = {"UNAVAILABLE": Unavailable, "DEADLINE_EXCEEDED": DeadlineExceeded}
+    kind = kinds.get(code.name)
+    return kind(message) if kind else BackendError(message, code)
+
+
+def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors)
+
+
+class TritonAdapter:
+    def __init__(self, name: str, config: TritonBackend) -> None:
+        self.name = name
+        self.config = config
+        self._client: aio.InferenceServerClient | None = None
+        self._info = ModelInfo()
+        self._limit: int | None = None
+        self._loaded = False
+
+    async def load(self) -> None:
+        self._client = aio.InferenceServerClient(self.config.target)
+        await self._read_model()
+
+    async def _read_model(self) -> bool:
+        model, version = self.config.model, self.config.version
+        try:
+            config = await self._client.get_model_config(
+                model, version, client_timeout=_PROBE_TIMEOUT_S
+            )
+            meta = await self._client.get_model_metadata(
+                model, version, client_timeout=_PROBE_TIMEOUT_S
+            )
+        except InferenceServerException as exc:
+            log.warning("backend %s: cannot read model %r from %s: %s",
+                        self.name, model, self.config.target, exc.message())
+            return False
+        self._limit = config.config.max_batch_size
+        self._info = ModelInfo(_specs(meta.inputs), _specs(meta.outputs), meta.platform,
+                               tuple(meta.versions))
+        self._loaded = True
+        log.info("backend %s: triton model %r, max_batch_size %d", self.name, model, self._limit)
+        return True
+
+    async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
+        if not self._loaded and not await self._read_model():
+            raise Unavailable(f"backend '{self.name}': Triton at {self.config.target} is not ready")
+        if self._limit:
+            return await self._call(inputs, timeout)
+        rows = len(next(iter(inputs.values())))
+        answers = await asyncio.gather(
+            *(self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout) for i in range(rows))
+        )
+        return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
+
+    async def _call(self, inputs: Tensors, timeout: float | None) -> Tensors:
+        request = []
+        for name, array in inputs.items():
+            datatype = datatype_of(array, name)
+            if datatype == "BF16":
+                raise InvalidArgument(f"tensor '{name}': BF16 is not supported by the triton adapter")
+            tensor = triton.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            request.append(tensor)
+        try:
+            result = await self._client.infer(
+                self.config.model, request, self.config.version, client_timeout=timeout
+            )
+        except InferenceServerException as exc:
+            raise _translate(exc, self.name) from exc
+        response = result.get_response()
+        return {out.name: result.as_numpy(out.name) for out in response.outputs}
+
+    async def ready(self) -> bool:
+        try:
+            ready = await self._client.is_model_ready(
+                self.config.model, self.config.version, client_timeout=_PROBE_TIMEOUT_S
+            )
+        except InferenceServerException:
+            return False
+        return bool(ready) and (self._loaded or await self._read_model())
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self._limit or None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()

@@ -1,0 +1,35 @@
+"""The benchmark model, a small MLP 64 -> 256 -> 256 -> 10 with ReLU between.
+
+The single definition of its weights and maths: benchmarks and tests compute the
+expected output in-process (numpy 2), and the Triton models ``bench_mlp`` and
+``bench_mlp_dyn`` import this same file by path inside the python-backend stub
+(numpy 1), so the two cannot drift apart. Keep it valid for numpy 1 and 2.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float32]
+
+
+@lru_cache(maxsize=1)
+def weights() -> tuple[Array, Array, Array, Array]:
+    """(W1, b1, W2, W3), float32, reproducible from seed 0; the draw order is fixed."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 256), dtype=np.float32) * np.float32(0.1)
+    b1 = np.zeros(256, dtype=np.float32)
+    w2 = (rng.standard_normal((256, 256)) * 0.1).astype(np.float32)
+    w3 = (rng.standard_normal((256, 10)) * 0.1).astype(np.float32)
+    return w1, b1, w2, w3
+
+
+def forward(x: npt.ArrayLike) -> Array:
+    """Rows of 64 float32 features -> rows of 10 outputs."""
+    w1, b1, w2, w3 = weights()
+    h = np.maximum(np.asarray(x, dtype=np.float32) @ w1 + b1, 0)
+    h = np.maximum(h @ w2, 0)
+    return (h @ w3).astype(np.float32)

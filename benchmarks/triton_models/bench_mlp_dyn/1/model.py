@@ -1,0 +1,1 @@
+../../bench_mlp/1/model.py

@@ -1,0 +1,18 @@
+"""Coalesce: a batching gRPC sidecar for model servers."""
+
+__version__ = "0.1.0"
+
+from .config import Config, ConfigError  # noqa: E402
+from .errors import CoalesceError  # noqa: E402
+from .request import InferRequest, ModelInfo, TensorSpec, Tensors  # noqa: E402
+
+__all__ = [
+    "CoalesceError",
+    "Config",
+    "ConfigError",
+    "InferRequest",
+    "ModelInfo",
+    "TensorSpec",
+    "Tensors",
+    "__version__",
+]

@@ -1,0 +1,243 @@
+"""Smart batching: one scheduler per backend, shared by every route that reaches it.
+
+Whenever the backend has a free dispatch slot and rows are queued, whatever is
+queued goes out at once (up to the batch limit). Nothing waits on a timer unless
+`max_delay_ms` asks for it, so a lone request leaves immediately and, under load,
+each batch holds what arrived during the previous call. The scheduler sleeps on an
+event, never polls, and every caller's future gets a result or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from . import batching
+from .config import Batching
+from .errors import CoalesceError, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from .request import InferRequest, Tensors
+
+log = logging.getLogger("coalesce")
+
+Call = Callable[[Tensors, float | None], Awaitable[Tensors]]
+"""An adapter's batch method: (inputs, timeout in seconds or None) -> outputs."""
+
+
+class _Pending:
+    """A caller's request in the queue; a large one is taken in several slices."""
+
+    __slots__ = ("arrived", "done_rows", "future", "parts", "request", "taken")
+
+    def __init__(self, request: InferRequest, future: asyncio.Future, arrived: float) -> None:
+        self.request = request
+        self.future = future
+        self.arrived = arrived
+        self.taken = 0
+        self.done_rows = 0
+        self.parts: dict[int, Tensors] = {}
+
+
+_Slice = tuple[_Pending, int, int]
+
+
+class Batcher:
+    """Queues requests for one backend and sends them to it in batches."""
+
+    def __init__(
+        self,
+        name: str,
+        call: Call,
+        policy: Batching,
+        *,
+        timeout_s: float | None = None,
+        backend_limit: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self._call = call
+        self._policy = policy
+        self._timeout_s = timeout_s
+        self._backend_limit = backend_limit
+        self._queues: dict[tuple, deque[_Pending]] = {}
+        self._queued = 0
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(policy.max_in_flight)
+        self._tasks: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+        self._closed = False
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+
+    def submit(self, request: InferRequest) -> asyncio.Future[Tensors]:
+        """Queue a request; the future resolves to its own rows of every output."""
+        if self._closed:
+            raise Unavailable(f"backend '{self.name}' is shutting down")
+        limit = self._policy.max_queue
+        if request.rows > limit:
+            raise ResourceExhausted(
+                f"request has {request.rows} rows, more than backend '{self.name}' queues "
+                f"(max_queue {limit})"
+            )
+        if self._queued + request.rows > limit:
+            raise ResourceExhausted(
+                f"backend '{self.name}' queue is full ({self._queued} of {limit} rows); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        key = batching.signature(request.inputs)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(_Pending(request, future, loop.time()))
+        self._queued += request.rows
+        self._wakeup.set()
+        return future
+
+    async def close(self) -> None:
+        """Stop at once: anything still queued or in flight is answered UNAVAILABLE."""
+        self._closed = True
+        tasks = [*self._tasks, *([self._runner] if self._runner else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._slots.acquire()
+                slices = await self._collect()
+                self._in_flight += 1
+                task = asyncio.get_running_loop().create_task(self._dispatch(slices))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            self._fail_queued(Unavailable(f"backend '{self.name}' is shutting down"))
+
+    async def _collect(self) -> list[_Slice]:
+        while True:
+            while not self._queued:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._policy.max_delay_ms > 0:
+                await self._linger()
+            slices = self._take()
+            if slices:
+                return slices
+
+    def _capacity(self) -> int:
+        limit = self._backend_limit()
+        cap = self._policy.max_batch_size
+        return min(cap, limit) if limit else cap
+
+    async def _linger(self) -> None:
+        """Wait up to max_delay_ms after the oldest queued request for a fuller batch."""
+        loop = asyncio.get_running_loop()
+        oldest = min(q[0].arrived for q in self._queues.values() if q)
+        until = oldest + self._policy.max_delay_ms / 1000
+        while self._queued < self._capacity() and loop.time() < until:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), until - loop.time())
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Slice]:
+        """Up to a batch of rows from the queue whose head waited longest."""
+        key = min(self._queues, key=lambda k: self._queues[k][0].arrived)
+        queue = self._queues[key]
+        room, now, slices = self._capacity(), asyncio.get_running_loop().time(), []
+        while queue and room:
+            pending = queue[0]
+            request = pending.request
+            if pending.future.done() or (request.deadline is not None and request.deadline <= now):
+                queue.popleft()
+                self._queued -= request.rows - pending.taken
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        DeadlineExceeded(f"deadline passed while queued for backend '{self.name}'")
+                    )
+                continue
+            count = min(request.rows - pending.taken, room)
+            slices.append((pending, pending.taken, pending.taken + count))
+            pending.taken += count
+            room -= count
+            self._queued -= count
+            if pending.taken == request.rows:
+                queue.popleft()
+        if not queue:
+            del self._queues[key]
+        return slices
+
+    def _timeout(self, slices: list[_Slice]) -> float | None:
+        """The backend call may last until the latest caller's deadline (and timeout_ms)."""
+        deadlines = [p.request.deadline for p, _, _ in slices]
+        timeout = self._timeout_s
+        if None not in deadlines:
+            left = max(deadlines) - asyncio.get_running_loop().time()  # type: ignore[type-var]
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    async def _dispatch(self, slices: list[_Slice]) -> None:
+        error: CoalesceError | None = None
+        try:
+            inputs = batching.merge([(p.request.inputs, a, b) for p, a, b in slices])
+            timeout = self._timeout(slices)
+            try:
+                call = self._call(inputs, timeout)
+                outputs = await (call if timeout is None else asyncio.wait_for(call, max(timeout, 0)))
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"
+                ) from None
+            parts = batching.split(outputs, [b - a for _, a, b in slices], self.name)
+        except CoalesceError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = Unavailable(f"backend '{self.name}' is shutting down")
+            raise
+        except Exception as exc:
+            log.exception("backend %s failed", self.name)
+            error = Internal(f"backend '{self.name}' failed: {type(exc).__name__}: {exc}")
+        else:
+            self._deliver(slices, parts)
+        finally:
+            if error is not None:
+                for pending, _, _ in slices:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+            self._in_flight -= 1
+            self._slots.release()
+
+    @staticmethod
+    def _deliver(slices: list[_Slice], parts: list[Tensors]) -> None:
+        for (pending, start, stop), part in zip(slices, parts, strict=True):
+            if pending.future.done():
+                continue
+            rows = pending.request.rows
+            if stop - start == rows:
+                pending.future.set_result(part)
+                continue
+            pending.parts[start] = part
+            pending.done_rows += stop - start
+            if pending.done_rows == rows:
+                ordered = [pending.parts[k] for k in sorted(pending.parts)]
+                pending.future.set_result(batching.join(ordered))
+
+    def _fail_queued(self, error: CoalesceError) -> None:
+        for queue in self._queues.values():
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+        self._queues.clear()
+        self._queued = 0

@@ -1,0 +1,112 @@
+"""The errors Coalesce answers with, and their gRPC and HTTP statuses.
+
+    CoalesceError            any failure a caller is told about
+    ├── InvalidArgument      the request is malformed or does not fit the model
+    ├── NotFound             no route for the model (or version) asked for
+    ├── ResourceExhausted    a queue or size limit is full; retry later
+    ├── DeadlineExceeded     the caller's deadline passed before an answer
+    ├── Unavailable          the backend cannot be reached or is not ready
+    ├── Internal             a bug or a broken model (wrong output shape, ...)
+    └── BackendError         the backend answered with an error: its status is kept
+
+Library exceptions are translated into these at the adapter boundary, so the
+core and the front ends only ever see this hierarchy.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger("coalesce")
+
+
+class CoalesceError(Exception):
+    """Base error; `code` is the gRPC status the caller receives."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class InvalidArgument(CoalesceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CoalesceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(CoalesceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(CoalesceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(CoalesceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Internal(CoalesceError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class BackendError(CoalesceError):
+    """An error the backend itself reported; the caller sees the backend's status."""
+
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+
+def http_status(error: CoalesceError) -> int:
+    """The HTTP status for an error (500 for anything without a closer match)."""
+    return HTTP_STATUS.get(error.code, 500)
+
+
+def status_from_name(name: str) -> grpc.StatusCode:
+    """`grpc.StatusCode` from a name such as "StatusCode.INVALID_ARGUMENT" or "UNAVAILABLE"."""
+    key = name.rsplit(".", 1)[-1].strip().upper()
+    return grpc.StatusCode.__members__.get(key, grpc.StatusCode.UNKNOWN)
+
+
+R = TypeVar("R")
+
+
+def grpc_status(
+    handler: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Answer a gRPC call that raised with its status and message; a bug becomes INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await handler(self, request, context)
+        except CoalesceError as exc:
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("bug answering %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: abort() raises")
+
+    return wrapper

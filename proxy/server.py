@@ -1,0 +1,90 @@
+"""Assembles the sidecar: router, gRPC front end, health service, admin HTTP.
+
+Shutdown follows the grpc asyncio examples: health goes NOT_SERVING, the server
+stops taking calls and gives the ones in flight `grace_period_s` to finish, then
+backends close (failing whatever is left UNAVAILABLE) and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from . import admin
+from .config import Config
+from .kserve_grpc import KServeService
+from .router import Router
+
+log = logging.getLogger("coalesce")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One serving process; `start()` then `stop()`, or `run()` until a signal."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._health_tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        for route in self.config.routes:
+            await self.health.set(route.model, NOT_SERVING)
+        await self.health.set("", SERVING)
+        self.router.on_health_change = self._set_health
+        await self.router.start()
+        limit = int(self.config.max_message_mb * 1024 * 1024)
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        self._grpc.add_generic_rpc_handlers([KServeService(self.router).handler()])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        self.port = self._grpc.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self._grpc.start()
+        if self.config.admin:
+            self._admin = await admin.start(self.router, self.config.admin)
+        host = self.config.listen.rpartition(":")[0]
+        log.info("serving %s on %s:%d (admin %s)", ", ".join(self.router.routes), host,
+                 self.port, self.config.admin or "off")
+
+    def _set_health(self, model: str, ready: bool) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.health.set(model, SERVING if ready else NOT_SERVING)
+        )
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("stopping: in-flight requests have %.1f s to finish", grace)
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.router.close()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
