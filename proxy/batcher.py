@@ -79,8 +79,11 @@ class Batcher:
     def start(self) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
 
-    def submit(self, request: InferRequest) -> asyncio.Future[Tensors]:
-        """Queue a request; the future resolves to its own rows of every output."""
+    def submit(self, request: InferRequest, key: tuple | None = None) -> asyncio.Future[Tensors]:
+        """Queue a request; the future resolves to its own rows of every output.
+
+        `key` is the request's `batching.signature`, if the caller has it already.
+        """
         if self._closed:
             raise Unavailable(f"backend '{self.name}' is shutting down")
         limit = self._policy.max_queue
@@ -95,7 +98,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        key = batching.signature(request.inputs)
+        key = key or batching.signature(request.inputs)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = deque()

@@ -32,14 +32,20 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    from .router import StartupError
     from .server import Server
 
     try:
         import uvloop
     except ImportError:
-        asyncio.run(Server(config).run())
+        runner = asyncio.run
     else:
-        uvloop.run(Server(config).run())
+        runner = uvloop.run
+    try:
+        runner(Server(config).run())
+    except (StartupError, OSError) as exc:
+        logging.getLogger("coalesce").error("cannot start: %s", exc)
+        return 1
     return 0
 
 

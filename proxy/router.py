@@ -12,12 +12,18 @@ from collections.abc import Callable
 
 from .adapter import Adapter, adapter_class
 from .batcher import Batcher
+from .batching import signature
 from .config import Config
 from .errors import NotFound
 from .request import InferRequest, ModelInfo, Tensors
+from .tensors import check_inputs
 
 log = logging.getLogger("coalesce")
 PROBE_INTERVAL_S = 2.0
+
+
+class StartupError(Exception):
+    """A backend that cannot even be loaded (import error, bad model file, ...)."""
 
 
 class Backend:
@@ -28,9 +34,18 @@ class Backend:
         self.adapter = adapter
         self.batcher = batcher
         self.ready = False
+        self._accepted: set[tuple] = set()
 
     async def infer(self, request: InferRequest) -> Tensors:
-        return await self.batcher.submit(request)
+        key = signature(request.inputs)
+        if key not in self._accepted:
+            info = self.info()
+            if info.inputs:  # a model that declares nothing is checked by the model itself
+                check_inputs(request.inputs, info.inputs, self.name)
+                if len(self._accepted) > 256:
+                    self._accepted.clear()
+                self._accepted.add(key)
+        return await self.batcher.submit(request, key)
 
     def info(self) -> ModelInfo:
         return self.adapter.info()
@@ -49,8 +64,11 @@ class Router:
     async def start(self) -> None:
         """Load every backend; an unreachable one starts not ready rather than failing."""
         for name, spec in self.config.backends.items():
-            adapter = adapter_class(spec.type)(name, spec)
-            await adapter.load()
+            try:
+                adapter = adapter_class(spec.type)(name, spec)
+                await adapter.load()
+            except Exception as exc:
+                raise StartupError(f"backend '{name}' cannot load: {type(exc).__name__}: {exc}") from exc
             timeout = spec.timeout_ms / 1000 if spec.timeout_ms else None
             batcher = Batcher(name, adapter.infer, spec.batching, timeout_s=timeout,
                               backend_limit=lambda a=adapter: a.max_batch_size)

@@ -13,6 +13,7 @@ from math import prod
 import numpy as np
 
 from .errors import InvalidArgument
+from .request import TensorSpec, Tensors
 
 BF16 = np.dtype([("bf16", "<u2")])
 
@@ -153,3 +154,29 @@ def to_raw(array: np.ndarray, tensor: str) -> tuple[str, bytes]:
     if datatype == "BYTES":
         return datatype, encode_bytes(array)
     return datatype, np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
+
+
+def check_inputs(inputs: Tensors, specs: tuple[TensorSpec, ...], model: str) -> None:
+    """Names, datatypes and non-batch dimensions against the model's declared inputs."""
+    expected = {spec.name: spec for spec in specs}
+    for name in inputs.keys() - expected.keys():
+        raise InvalidArgument(
+            f"tensor '{name}': not an input of model '{model}' (inputs: {', '.join(expected)})"
+        )
+    for name in expected.keys() - inputs.keys():
+        raise InvalidArgument(f"tensor '{name}': input of model '{model}' is missing")
+    for name, array in inputs.items():
+        spec = expected[name]
+        datatype = datatype_of(array, name)
+        if datatype != spec.datatype:
+            raise InvalidArgument(
+                f"tensor '{name}': datatype {datatype}, model '{model}' expects {spec.datatype}"
+            )
+        dims = spec.shape[1:]
+        if array.ndim != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(dims, array.shape[1:], strict=True)
+        ):
+            raise InvalidArgument(
+                f"tensor '{name}': shape {list(array.shape)}, model '{model}' expects "
+                f"{list(spec.shape)}"
+            )

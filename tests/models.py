@@ -1,0 +1,97 @@
+"""Purpose-built models for tests (loaded by dotted path from test configs).
+
+Each records the batch sizes it saw so that tests can prove coalescing from the
+model's side, not from Coalesce's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+
+from coalesce import TensorSpec
+
+
+class Affine:
+    """Same math as the Triton test model `affine`: y = 2x + 1, s = row sums."""
+
+    inputs = (TensorSpec("x", "FP32", (-1, 4)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 4)), TensorSpec("s", "FP32", (-1, 1)))
+
+    def __init__(self, delay_ms: float = 0.0) -> None:
+        self.delay = delay_ms / 1000
+        self.batches: list[int] = []
+
+    def __call__(self, inputs):
+        x = inputs["x"]
+        if np.isnan(x).any():
+            raise ValueError("x contains NaN")
+        self.batches.append(len(x))
+        if self.delay:
+            time.sleep(self.delay)
+        return {"y": 2 * x + 1, "s": x.sum(axis=1, keepdims=True)}
+
+
+class Echo:
+    """Returns every input unchanged: exercises every datatype through the wire."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, inputs):
+        self.batches.append(len(next(iter(inputs.values()))))
+        return {name: np.array(a) for name, a in inputs.items()}
+
+
+class Gated:
+    """An async model that holds each batch until the test opens the gate."""
+
+    inputs = Affine.inputs
+    outputs = Affine.outputs
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.batches: list[int] = []
+        self.seen: list[np.ndarray] = []
+
+    async def __call__(self, inputs):
+        x = inputs["x"]
+        self.batches.append(len(x))
+        self.seen.append(np.array(x))
+        self.entered.set()
+        await self.gate.wait()
+        return {"y": 2 * x + 1, "s": x.sum(axis=1, keepdims=True)}
+
+
+class WrongRows:
+    """A broken model: returns one row too few."""
+
+    def __call__(self, inputs):
+        return {"y": inputs["x"][:-1]}
+
+
+class Exiting:
+    """Crashes the whole process; used only where a test wants a dead backend."""
+
+    def __call__(self, inputs):
+        os._exit(3)
+
+
+def affine(delay_ms: float = 0.0) -> Affine:
+    return Affine(delay_ms)
+
+
+def echo() -> Echo:
+    return Echo()
+
+
+def gated() -> Gated:
+    return Gated()
+
+
+def wrong_rows() -> WrongRows:
+    return WrongRows()
