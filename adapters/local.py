@@ -58,6 +58,11 @@ class LocalAdapter:
             raise Internal(f"model '{self.name}' returned {type(outputs).__name__}, not a dict")
         return outputs
 
+    @property
+    def model(self) -> Any:
+        """The loaded model object."""
+        return self._model
+
     async def ready(self) -> bool:
         return self._model is not None
 

@@ -31,6 +31,15 @@ from ..tensors import datatype_of
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    # A restarted Triton should be used again within a probe interval, not after
+    # gRPC's default reconnect backoff (which grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 def _translate(exc: InferenceServerException, backend: str) -> CoalesceError:
@@ -55,7 +64,7 @@ class TritonAdapter:
         self._loaded = False
 
     async def load(self) -> None:
-        self._client = aio.InferenceServerClient(self.config.target)
+        self._client = aio.InferenceServerClient(self.config.target, channel_args=_CHANNEL_ARGS)
         await self._read_model()
 
     async def _read_model(self) -> bool:

@@ -32,4 +32,5 @@ def forward(x: npt.ArrayLike) -> Array:
     w1, b1, w2, w3 = weights()
     h = np.maximum(np.asarray(x, dtype=np.float32) @ w1 + b1, 0)
     h = np.maximum(h @ w2, 0)
-    return (h @ w3).astype(np.float32)
+    y: Array = (h @ w3).astype(np.float32)
+    return y

@@ -32,6 +32,14 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    overrides = {"listen": args.listen, "admin": args.admin}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:
+        try:
+            config = config_module.parse({**config.model_dump(), **overrides})
+        except ConfigError as exc:
+            print("\n".join(f"--{p}" for p in exc.problems), file=sys.stderr)
+            return 1
     from .router import StartupError
     from .server import Server
 
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the sidecar")
     serve_cmd.add_argument("--config", help="routing config (YAML); default: the bundled example")
+    serve_cmd.add_argument("--listen", help="gRPC address host:port (overrides the config)")
+    serve_cmd.add_argument("--admin", help="admin HTTP address host:port (overrides the config)")
     serve_cmd.set_defaults(run=serve)
     check_cmd = commands.add_parser("check", help="validate a config and exit (1 on problems)")
     check_cmd.add_argument("config")

@@ -35,7 +35,6 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -53,7 +52,7 @@ typedef struct call {
   conn_t *conn;
   uint32_t idx;             /* record index */
   uint64_t t0;              /* start (closed) or scheduled (open) time, ns */
-  int measured, grpc_status, http_status;
+  int measured, grpc_status;
   size_t sent;              /* request bytes handed to nghttp2 */
   uint8_t *buf;             /* response body (gRPC framed) */
   size_t len, cap;
@@ -86,7 +85,7 @@ static struct {
   /* runtime */
   struct sockaddr_storage addr;
   socklen_t addrlen;
-  int ep, tfd;
+  int ep;
   conn_t *conns;
   int rr;
   uint64_t seq, inflight, minflight, next_arrival, rng;
@@ -141,7 +140,7 @@ static call_t *call_new(void) {
   else c = calloc(1, sizeof *c);
   if (!c) die("out of memory");
   c->len = c->sent = 0;
-  c->grpc_status = c->http_status = -1;
+  c->grpc_status = -1;
   return c;
 }
 
@@ -203,7 +202,6 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
   if (!c) return 0;
   /* values are NUL-terminated by nghttp2, so atoi is safe */
   if (nlen == 11 && !memcmp(name, "grpc-status", 11)) c->grpc_status = atoi((const char *)val);
-  else if (nlen == 7 && !memcmp(name, ":status", 7)) c->http_status = atoi((const char *)val);
   return 0;
 }
 
@@ -235,7 +233,8 @@ static void ep_set(conn_t *c, int op, uint32_t ev) {
   if (epoll_ctl(G.ep, op, c->fd, &e) < 0) die("epoll_ctl");
 }
 
-static void conn_down(conn_t *c) {
+/* retry: delay before reconnecting (0 after a clean GOAWAY close). */
+static void conn_down_after(conn_t *c, uint64_t retry) {
   if (c->s) nghttp2_session_del(c->s); /* does not run callbacks */
   c->s = NULL;
   if (c->fd >= 0) close(c->fd);
@@ -243,9 +242,11 @@ static void conn_down(conn_t *c) {
   c->state = 0;
   c->olen = c->ooff = 0;
   c->pollout = 0;
-  c->retry_at = now_ns() + RETRY_NS;
+  c->retry_at = now_ns() + retry;
   while (c->head.next != &c->head) call_finish(c->head.next, 1);
 }
+
+static void conn_down(conn_t *c) { conn_down_after(c, RETRY_NS); }
 
 static void conn_start(conn_t *c) {
   G.reconnects += c->retry_at != 0;
@@ -311,7 +312,7 @@ static void conn_flush(conn_t *c) {
   }
   /* e.g. after GOAWAY once its streams are done: reconnect */
   if (!need && !nghttp2_session_want_read(c->s) && !nghttp2_session_want_write(c->s))
-    conn_down(c);
+    conn_down_after(c, 0);
 }
 
 static void conn_read(conn_t *c) {
@@ -381,6 +382,22 @@ static void pump(uint64_t now) {
 }
 
 /* ---- output ---- */
+
+/* epoll_pwait2 gives ns-precise wakeups for open-loop arrivals without a timerfd
+ * (which would cost two extra syscalls per arrival); epoll_wait (ms, rounded up)
+ * is the fallback on kernels older than 5.11. */
+static int wait_until(struct epoll_event *evs, int max, uint64_t deadline) {
+  static int no_pwait2;
+  uint64_t now = now_ns(), d = deadline > now ? deadline - now : 0;
+  if (!no_pwait2) {
+    struct timespec ts = {d / NS, d % NS};
+    int n = epoll_pwait2(G.ep, evs, max, &ts, NULL);
+    if (n >= 0 || errno != ENOSYS) return n < 0 ? 0 : n;
+    no_pwait2 = 1;
+  }
+  int n = epoll_wait(G.ep, evs, max, (int)((d + 999999) / 1000000));
+  return n < 0 ? 0 : n;
+}
 
 static int cmp_u64(const void *a, const void *b) {
   uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -477,9 +494,6 @@ int main(int argc, char **argv) {
 
   signal(SIGPIPE, SIG_IGN);
   G.ep = epoll_create1(EPOLL_CLOEXEC);
-  G.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  struct epoll_event te = {.events = EPOLLIN, .data.ptr = NULL};
-  epoll_ctl(G.ep, EPOLL_CTL_ADD, G.tfd, &te);
 
   G.rng = G.seed * 0x9E3779B97F4A7C15ull | 1;
   G.conns = calloc(G.nconn, sizeof *G.conns);
@@ -490,7 +504,7 @@ int main(int argc, char **argv) {
     conn_start(c);
   }
 
-  uint64_t t_start = now_ns(), armed = 0;
+  uint64_t t_start = now_ns();
   G.warm_end = t_start + (uint64_t)(G.warmup * 1e9);
   G.end = G.warm_end + (uint64_t)(G.duration * 1e9);
   G.drain_end = G.end + (uint64_t)(G.drain * 1e9);
@@ -515,20 +529,9 @@ int main(int argc, char **argv) {
       deadline = G.next_arrival;
     for (int i = 0; i < G.nconn; i++)
       if (G.conns[i].state == 2) conn_flush(&G.conns[i]);
-    if (deadline != armed) { /* timerfd gives ns-precise wakeups for open-loop arrivals */
-      struct itimerspec its = {.it_value = {deadline / NS, deadline % NS}};
-      timerfd_settime(G.tfd, TFD_TIMER_ABSTIME, &its, NULL);
-      armed = deadline;
-    }
-    int n = epoll_wait(G.ep, evs, 64, -1);
+    int n = wait_until(evs, 64, deadline);
     for (int i = 0; i < n; i++) {
       conn_t *c = evs[i].data.ptr;
-      if (!c) {
-        uint64_t x;
-        if (read(G.tfd, &x, sizeof x) < 0) {}
-        armed = 0;
-        continue;
-      }
       if (c->state == 1) conn_up(c);
       else if (c->state == 2) {
         if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) conn_read(c);

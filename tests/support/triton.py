@@ -34,7 +34,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -45,7 +45,7 @@ WHEEL_REQUIREMENT = "nvidia-pytriton==0.7.0"  # bundles Triton 2.51
 STUB_NUMPY = "numpy==1.26.4"
 _PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 # Interpreter identity goes in the marker: the venv and the stub are tied to it.
-_MARKER_TEXT = f"{WHEEL_REQUIREMENT} {STUB_NUMPY} python-{platform.python_version()} {sys.base_prefix}\n"
+_MARKER_TEXT = f"{WHEEL_REQUIREMENT} {STUB_NUMPY} {platform.python_version()} {sys.base_prefix}\n"
 _SERVER_PREFIX = "pytriton/tritonserver/"
 _UNZIP_PREFIXES = (  # bin/ and backends/ have RPATHs into nvidia_pytriton.libs/
     f"{_SERVER_PREFIX}bin/",
@@ -108,7 +108,7 @@ def ensure_triton() -> TritonInstall:
 
 def _install_paths(root: Path) -> TritonInstall:
     server = root / _SERVER_PREFIX
-    return TritonInstall(root, server / "bin" / "tritonserver", server / "backends", root / "stub-venv")
+    return TritonInstall(root, server / "bin/tritonserver", server / "backends", root / "stub-venv")
 
 
 def _is_complete(root: Path) -> bool:
@@ -257,7 +257,7 @@ class TritonServer:
             if code is not None:
                 raise TritonStartError(f"tritonserver exited with {code}\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise TritonStartError(f"tritonserver not ready in {self.ready_timeout}s\n{self.log_tail()}")
+                raise TritonStartError(f"not ready in {self.ready_timeout}s\n{self.log_tail()}")
 
     def _is_ready(self) -> bool:
         # http.client, not urllib: a proxy set in the environment must not get in the way.
@@ -276,10 +276,8 @@ class TritonServer:
             return None
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self._kill_group()
         return self._process.wait()
 
@@ -296,10 +294,8 @@ class TritonServer:
 
     def _kill_group(self) -> None:
         """SIGKILL the whole session, so no python-backend stub outlives the server."""
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
 
@@ -309,7 +305,8 @@ class TritonServer:
             text = self.log_path.read_text(errors="replace")
         except OSError as exc:
             return f"(no log at {self.log_path}: {exc})"
-        return f"--- last {lines} lines of {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last {lines} lines of {self.log_path} ---\n{tail}"
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -326,16 +323,17 @@ class TritonServer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Install, start, print the URLs and wait for Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m tests.support.triton", description=main.__doc__)
-    parser.add_argument("--repo", type=Path, default=DEFAULT_MODEL_REPOSITORY, help="model repository")
+    parser = argparse.ArgumentParser("python -m tests.support.triton", description=main.__doc__)
+    parser.add_argument("--repo", type=Path, default=DEFAULT_MODEL_REPOSITORY, help="models")
     args = parser.parse_args(argv)
+    # Ctrl-C or SIGTERM must unwind through __exit__: the server is in its own session.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with TritonServer(args.repo) as server:
-        print(f"grpc {server.grpc_url}\nhttp {server.http_url}\npid  {server.pid}\nlog  {server.log_path}")
-        print("Ctrl-C to stop", flush=True)
-        try:
+        print(f"grpc {server.grpc_url}\nhttp {server.http_url}\npid  {server.pid}")
+        print(f"log  {server.log_path}\nCtrl-C to stop", flush=True)
+        with suppress(KeyboardInterrupt):
             server.process.wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # .../benchmarks
-from bench_model import forward  # noqa: E402
+from bench_model import forward
 
 
 class TritonPythonModel:

@@ -29,8 +29,6 @@ class TritonPythonModel:
         x = pb_utils.get_input_tensor_by_name(request, "x").as_numpy()
         if np.isnan(x).any():
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("x contains NaN"))
-        y = 2 * x + 1
-        s = x.sum(axis=-1, keepdims=True)
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor("y", y.astype(np.float32)), pb_utils.Tensor("s", s.astype(np.float32))]
-        )
+        y = pb_utils.Tensor("y", (2 * x + 1).astype(np.float32))
+        s = pb_utils.Tensor("s", x.sum(axis=-1, keepdims=True).astype(np.float32))
+        return pb_utils.InferenceResponse(output_tensors=[y, s])

@@ -14,6 +14,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
-            out = np.array([bytes(value)[::-1] for value in text.flat], dtype=np.object_).reshape(text.shape)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("out", out)]))
+            reversed_ = [bytes(value)[::-1] for value in text.flat]
+            out = pb_utils.Tensor("out", np.array(reversed_, dtype=np.object_).reshape(text.shape))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         return responses
