@@ -15,7 +15,7 @@ from typing import Any
 from ..adapter import import_string
 from ..config import LocalBackend
 from ..errors import CoalesceError, Internal, InvalidArgument
-from ..request import ModelInfo, TensorSpec, Tensors
+from ..request import ModelInfo, Tensors, TensorSpec
 
 
 def _specs(items: Any) -> tuple[TensorSpec, ...]:

@@ -26,7 +26,7 @@ from ..errors import (
     Unavailable,
     status_from_name,
 )
-from ..request import ModelInfo, TensorSpec, Tensors
+from ..request import ModelInfo, Tensors, TensorSpec
 from ..tensors import datatype_of
 
 log = logging.getLogger("coalesce")

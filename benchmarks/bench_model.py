@@ -16,15 +16,27 @@ import numpy.typing as npt
 Array = npt.NDArray[np.float32]
 
 
+STEP = 32.0
+"""Weights are rounded to multiples of 1/STEP: with integer inputs in [-3, 3] every sum
+is then exact in float32, so an output's bytes do not depend on which rows shared its
+batch (BLAS sums in a different order for different batch sizes) and the load
+generator can check every answer byte for byte."""
+
+
 @lru_cache(maxsize=1)
 def weights() -> tuple[Array, Array, Array, Array]:
-    """(W1, b1, W2, W3), float32, reproducible from seed 0; the draw order is fixed."""
+    """(W1, b1, W2, W3), float32, drawn from seed 0 (fixed order) and rounded to 1/STEP."""
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((64, 256), dtype=np.float32) * np.float32(0.1)
-    b1 = np.zeros(256, dtype=np.float32)
-    w2 = (rng.standard_normal((256, 256)) * 0.1).astype(np.float32)
-    w3 = (rng.standard_normal((256, 10)) * 0.1).astype(np.float32)
-    return w1, b1, w2, w3
+    draws = [rng.standard_normal((64, 256)), rng.standard_normal((256, 256)),
+             rng.standard_normal((256, 10))]
+    w1, w2, w3 = (np.round(w * 0.1 * STEP).astype(np.float32) / np.float32(STEP) for w in draws)
+    return w1, np.zeros(256, dtype=np.float32), w2, w3
+
+
+def inputs(count: int, seed: int = 1) -> Array:
+    """`count` distinct rows of integer-valued features in [-3, 3]."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(-3, 4, size=(count, 64)).astype(np.float32)
 
 
 def forward(x: npt.ArrayLike) -> Array:

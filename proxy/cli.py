@@ -59,14 +59,15 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coalesce", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="run the sidecar")
+    serve_cmd = commands.add_parser("serve", parents=[common], help="run the sidecar")
     serve_cmd.add_argument("--config", help="routing config (YAML); default: the bundled example")
     serve_cmd.add_argument("--listen", help="gRPC address host:port (overrides the config)")
     serve_cmd.add_argument("--admin", help="admin HTTP address host:port (overrides the config)")
     serve_cmd.set_defaults(run=serve)
-    check_cmd = commands.add_parser("check", help="validate a config and exit (1 on problems)")
+    check_cmd = commands.add_parser("check", parents=[common], help="validate a config and exit (1 on problems)")
     check_cmd.add_argument("config")
     check_cmd.set_defaults(run=check)
     args = parser.parse_args(argv)

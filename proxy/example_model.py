@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .request import TensorSpec, Tensors
+from .request import Tensors, TensorSpec
 
 
 class ExampleMLP:

@@ -13,7 +13,7 @@ from math import prod
 import numpy as np
 
 from .errors import InvalidArgument
-from .request import TensorSpec, Tensors
+from .request import Tensors, TensorSpec
 
 BF16 = np.dtype([("bf16", "<u2")])
 

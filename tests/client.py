@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import tritonclient.grpc as tc
-
 from coalesce import wire
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"

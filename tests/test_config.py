@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from coalesce import config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from coalesce import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from coalesce import wire
 from tests.client import inputs, raw_infer
 from tests.conftest import local_backend
 

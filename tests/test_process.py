@@ -13,9 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from coalesce.example_model import load as load_example
 from tritonclient.utils import InferenceServerException
 
-from coalesce.example_model import load as load_example
 from tests.client import inputs
 from tests.conftest import ROOT, free_port, local_backend
 

@@ -1,0 +1,31 @@
+"""The floor for Python gRPC here: a grpc.aio + uvloop server that answers every
+ModelInfer with the same pre-serialized bytes, without parsing the request.
+
+    python -m benchmarks.empty_server PORT RESPONSE_FILE
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import uvloop
+
+
+async def serve(port: int, response: bytes) -> None:
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return response
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
+    )
+    server.add_generic_rpc_handlers([handler])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    uvloop.run(serve(int(sys.argv[1]), open(sys.argv[2], "rb").read()))
