@@ -34,9 +34,8 @@ class LocalAdapter:
 
     async def load(self) -> None:
         self._model = import_string(self.config.model)(**self.config.args)
-        self._is_async = inspect.iscoroutinefunction(self._model) or inspect.iscoroutinefunction(
-            getattr(self._model, "__call__", None)
-        )
+        call = type(self._model).__call__ if not inspect.isroutine(self._model) else self._model
+        self._is_async = inspect.iscoroutinefunction(call)
         if not (self._is_async or self.config.inline):
             threads = self.config.threads or self.config.batching.max_in_flight
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"model-{self.name}")

@@ -77,12 +77,18 @@ class TritonAdapter:
                 model, version, client_timeout=_PROBE_TIMEOUT_S
             )
         except InferenceServerException as exc:
-            log.warning("backend %s: cannot read model %r from %s: %s",
-                        self.name, model, self.config.target, exc.message())
+            log.warning(
+                "backend %s: cannot read model %r from %s: %s",
+                self.name,
+                model,
+                self.config.target,
+                exc.message(),
+            )
             return False
         self._limit = config.config.max_batch_size
-        self._info = ModelInfo(_specs(meta.inputs), _specs(meta.outputs), meta.platform,
-                               tuple(meta.versions))
+        self._info = ModelInfo(
+            _specs(meta.inputs), _specs(meta.outputs), meta.platform, tuple(meta.versions)
+        )
         self._loaded = True
         log.info("backend %s: triton model %r, max_batch_size %d", self.name, model, self._limit)
         return True
@@ -94,7 +100,10 @@ class TritonAdapter:
             return await self._call(inputs, timeout)
         rows = len(next(iter(inputs.values())))
         answers = await asyncio.gather(
-            *(self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout) for i in range(rows))
+            *(
+                self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout)
+                for i in range(rows)
+            )
         )
         return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
 
@@ -103,7 +112,9 @@ class TritonAdapter:
         for name, array in inputs.items():
             datatype = datatype_of(array, name)
             if datatype == "BF16":
-                raise InvalidArgument(f"tensor '{name}': BF16 is not supported by the triton adapter")
+                raise InvalidArgument(
+                    f"tensor '{name}': BF16 is not supported by the triton adapter"
+                )
             tensor = triton.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             request.append(tensor)

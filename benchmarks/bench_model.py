@@ -27,8 +27,11 @@ generator can check every answer byte for byte."""
 def weights() -> tuple[Array, Array, Array, Array]:
     """(W1, b1, W2, W3), float32, drawn from seed 0 (fixed order) and rounded to 1/STEP."""
     rng = np.random.default_rng(0)
-    draws = [rng.standard_normal((64, 256)), rng.standard_normal((256, 256)),
-             rng.standard_normal((256, 10))]
+    draws = [
+        rng.standard_normal((64, 256)),
+        rng.standard_normal((256, 256)),
+        rng.standard_normal((256, 10)),
+    ]
     w1, w2, w3 = (np.round(w * 0.1 * STEP).astype(np.float32) / np.float32(STEP) for w in draws)
     return w1, np.zeros(256, dtype=np.float32), w2, w3
 

@@ -28,4 +28,6 @@ async def serve(port: int, response: bytes) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(serve(int(sys.argv[1]), open(sys.argv[2], "rb").read()))
+    from pathlib import Path
+
+    uvloop.run(serve(int(sys.argv[1]), Path(sys.argv[2]).read_bytes()))

@@ -24,7 +24,9 @@ def build(force: bool = False) -> Path:
         BIN.parent.mkdir(exist_ok=True)
         tmp = BIN.with_suffix(".tmp")  # rename so a concurrent run never sees half a binary
         cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(SRC), "-lnghttp2", "-lm"], check=True)
+        subprocess.run(
+            [cc, "-O2", "-Wall", "-o", str(tmp), str(SRC), "-lnghttp2", "-lm"], check=True
+        )
         tmp.replace(BIN)
     return BIN
 
@@ -77,18 +79,36 @@ def run(
         _write_records(req_f, requests)
         _write_records(exp_f, expected)
         cmd = [
-            str(binary), "--target", target, "--method", method,
-            "--requests", str(req_f), "--expected", str(exp_f),
-            "--concurrency", str(concurrency), "--connections", str(connections),
-            "--duration", str(duration), "--warmup", str(warmup),
-            "--max-outstanding", str(max_outstanding), "--drain", str(drain),
-            "--seed", str(seed),
+            str(binary),
+            "--target",
+            target,
+            "--method",
+            method,
+            "--requests",
+            str(req_f),
+            "--expected",
+            str(exp_f),
+            "--concurrency",
+            str(concurrency),
+            "--connections",
+            str(connections),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+            "--max-outstanding",
+            str(max_outstanding),
+            "--drain",
+            str(drain),
+            "--seed",
+            str(seed),
         ]
         if rate is not None:
             cmd += ["--rate", str(rate)]
         # generous timeout: the tool stops itself after warmup+duration+drain
-        p = subprocess.run(cmd, capture_output=True, text=True,
-                           timeout=warmup + duration + drain + 30)
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=warmup + duration + drain + 30
+        )
     if p.returncode != 0:
         raise RuntimeError(f"loadgen failed ({p.returncode}): {p.stderr.strip()}")
     return json.loads(p.stdout)

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from coalesce import wire
 
 from benchmarks import bench_model, loadgen
-from coalesce import wire
 from tests.support.coalesce import ROOT, Process, cpu_seconds, free_port
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -43,17 +43,40 @@ def workload(model: str, count: int = 256) -> tuple[list[bytes], list[bytes]]:
     """Distinct single-row requests and the exact output bytes each answer must contain."""
     xs = bench_model.inputs(count)
     ys = bench_model.forward(xs)
-    return ([infer_request(model, xs[i : i + 1]) for i in range(count)],
-            [ys[i : i + 1].tobytes() for i in range(count)])
+    return (
+        [infer_request(model, xs[i : i + 1]) for i in range(count)],
+        [ys[i : i + 1].tobytes() for i in range(count)],
+    )
 
 
-def measure(target: str, pid: int, requests, expected, *, concurrency: int, duration: float,
-            warmup: float, rate: float | None = None) -> dict:
+def measure(
+    target: str,
+    pid: int,
+    requests,
+    expected,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    rate: float | None = None,
+) -> dict:
     """One load generator run, plus the server's CPU during the measured window."""
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(loadgen.run(
-        target, METHOD, requests, expected, concurrency=concurrency, duration=duration,
-        warmup=warmup, rate=rate, connections=min(4, concurrency))))
+    thread = threading.Thread(
+        target=lambda: result.update(
+            loadgen.run(
+                target,
+                METHOD,
+                requests,
+                expected,
+                concurrency=concurrency,
+                duration=duration,
+                warmup=warmup,
+                rate=rate,
+                connections=min(4, concurrency),
+            )
+        )
+    )
     thread.start()
     time.sleep(warmup)
     start = cpu_seconds(pid)
@@ -63,17 +86,29 @@ def measure(target: str, pid: int, requests, expected, *, concurrency: int, dura
     ok = max(result["ok"], 1)
     lat = result["latency_ms"]
     return {
-        "throughput_rps": result["throughput_rps"], "p50_ms": lat["p50"], "p90_ms": lat["p90"],
-        "p99_ms": lat["p99"], "max_ms": lat["max"], "ok": result["ok"],
-        "errors": result["errors"], "mismatches": result["mismatches"],
+        "throughput_rps": result["throughput_rps"],
+        "p50_ms": lat["p50"],
+        "p90_ms": lat["p90"],
+        "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
+        "ok": result["ok"],
+        "errors": result["errors"],
+        "mismatches": result["mismatches"],
         "server_cpu_us_per_req": cpu / ok * 1e6,
         "loadgen_cpu_us_per_req": result["cpu_us_per_req"],
     }
 
 
 def median_of(runs: list[dict]) -> dict:
-    keys = ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "server_cpu_us_per_req",
-            "loadgen_cpu_us_per_req")
+    keys = (
+        "throughput_rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "server_cpu_us_per_req",
+        "loadgen_cpu_us_per_req",
+    )
     row = {k: statistics.median(r[k] for r in runs) for k in keys}
     row["mismatches"] = sum(r["mismatches"] for r in runs)
     row["errors"] = [r["errors"] for r in runs if r["errors"]]
@@ -91,11 +126,25 @@ def compare(scenario: str, targets: list[Target], concurrencies: list[int], args
         runs: dict[str, list[dict]] = {t[0]: [] for t in targets}
         for _ in range(args.repeats):
             for label, url, pid, requests, expected in targets:
-                runs[label].append(measure(url, pid, requests, expected, concurrency=c,
-                                           duration=args.duration, warmup=args.warmup))
+                runs[label].append(
+                    measure(
+                        url,
+                        pid,
+                        requests,
+                        expected,
+                        concurrency=c,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                    )
+                )
         base = median_of(runs[targets[0][0]])
         for label, _, _, _, _ in targets:
-            row = {"scenario": scenario, "target": label, "concurrency": c, **median_of(runs[label])}
+            row = {
+                "scenario": scenario,
+                "target": label,
+                "concurrency": c,
+                **median_of(runs[label]),
+            }
             row["x_baseline_rps"] = row["throughput_rps"] / max(base["throughput_rps"], 1e-9)
             rows.append(row)
             print(format_row(row), flush=True)
@@ -103,14 +152,18 @@ def compare(scenario: str, targets: list[Target], concurrencies: list[int], args
 
 
 def format_row(row: dict) -> str:
-    return (f"| {row['scenario']} | {row['target']} | {row['concurrency']} | "
-            f"{row['throughput_rps']:,.0f} | {row['x_baseline_rps']:.2f}x | {row['p50_ms']:.2f} | "
-            f"{row['p99_ms']:.2f} | {row['server_cpu_us_per_req']:.0f} | "
-            f"{row['loadgen_cpu_us_per_req']:.0f} | {row['mismatches']} |")
+    return (
+        f"| {row['scenario']} | {row['target']} | {row['concurrency']} | "
+        f"{row['throughput_rps']:,.0f} | {row['x_baseline_rps']:.2f}x | {row['p50_ms']:.2f} | "
+        f"{row['p99_ms']:.2f} | {row['server_cpu_us_per_req']:.0f} | "
+        f"{row['loadgen_cpu_us_per_req']:.0f} | {row['mismatches']} |"
+    )
 
 
-HEADER = ("| scenario | target | c | req/s | vs baseline | p50 ms | p99 ms | server CPU µs/req | "
-          "loadgen CPU µs/req | wrong answers |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| scenario | target | c | req/s | vs baseline | p50 ms | p99 ms | server CPU µs/req | "
+    "loadgen CPU µs/req | wrong answers |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 @contextlib.contextmanager
@@ -132,16 +185,20 @@ def coalesce(config: dict, tmp: Path, args: tuple[str, ...] = ()) -> Iterator[Pr
 
 
 def triton_route(triton, model: str) -> dict:
-    return {"backends": {"mlp": {"type": "triton", "target": triton.grpc_url, "model": model}},
-            "routes": [{"model": "bench_mlp", "backend": "mlp"}]}
+    return {
+        "backends": {"mlp": {"type": "triton", "target": triton.grpc_url, "model": model}},
+        "routes": [{"model": "bench_mlp", "backend": "mlp"}],
+    }
 
 
 def scenario_gain(args, tmp: Path) -> list[dict]:
     """1. Batching gain: Triton with batching off, direct vs through Coalesce."""
     with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
         requests, expected = workload("bench_mlp")
-        targets = [("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
-                   ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected)]
+        targets = [
+            ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
+            ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
+        ]
         return compare("gain", targets, [1, 8, 64, 256], args)
 
 
@@ -150,16 +207,21 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
     with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
         direct = workload("bench_mlp_dyn")
         routed = workload("bench_mlp")
-        targets = [("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
-                   ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed)]
+        targets = [
+            ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
+            ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed),
+        ]
         return compare("versus", targets, [1, 64, 256], args)
 
 
 def scenario_overhead(args, tmp: Path) -> list[dict]:
     """3. Overhead: an in-process model that returns at once vs an empty grpc.aio server."""
-    config = {"backends": {"echo": {"type": "local", "model": "benchmarks.models:identity",
-                                    "inline": True}},
-              "routes": [{"model": "bench_mlp", "backend": "echo"}]}
+    config = {
+        "backends": {
+            "echo": {"type": "local", "model": "benchmarks.models:identity", "inline": True}
+        },
+        "routes": [{"model": "bench_mlp", "backend": "echo"}],
+    }
     xs = bench_model.inputs(256)
     requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
     expected = [xs[i : i + 1].tobytes() for i in range(256)]
@@ -169,14 +231,22 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
     response_file = tmp / "response.bin"
     response_file.write_bytes(response.SerializeToString())
     port = free_port()
-    empty = subprocess.Popen([sys.executable, "-m", "benchmarks.empty_server", str(port),
-                              str(response_file)], cwd=ROOT)
+    empty = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.empty_server", str(port), str(response_file)], cwd=ROOT
+    )
     try:
         time.sleep(1.5)
         with coalesce(config, tmp) as proxy:
-            targets = [("empty grpc.aio server", f"127.0.0.1:{port}", empty.pid, requests,
-                        [expected[0]] * 256),
-                       ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected)]
+            targets = [
+                (
+                    "empty grpc.aio server",
+                    f"127.0.0.1:{port}",
+                    empty.pid,
+                    requests,
+                    [expected[0]] * 256,
+                ),
+                ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
+            ]
             return compare("overhead", targets, [1, 64, 256], args)
     finally:
         empty.terminate()
@@ -184,12 +254,16 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
 
 
 SCENARIOS: dict[str, Callable] = {
-    "gain": scenario_gain, "versus": scenario_versus, "overhead": scenario_overhead,
+    "gain": scenario_gain,
+    "versus": scenario_versus,
+    "overhead": scenario_overhead,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0)

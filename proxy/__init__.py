@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from .config import Config, ConfigError  # noqa: E402
-from .errors import CoalesceError  # noqa: E402
-from .request import InferRequest, ModelInfo, Tensors, TensorSpec  # noqa: E402
+from .config import Config, ConfigError
+from .errors import CoalesceError
+from .request import InferRequest, ModelInfo, Tensors, TensorSpec
 
 __all__ = [
     "CoalesceError",

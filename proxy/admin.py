@@ -14,7 +14,9 @@ def make_app(router: Router) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         backends = {name: b.ready for name, b in router.backends.items()}
         ready = bool(backends) and all(backends.values())
-        return web.json_response({"ready": ready, "backends": backends}, status=200 if ready else 503)
+        return web.json_response(
+            {"ready": ready, "backends": backends}, status=200 if ready else 503
+        )
 
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz)])

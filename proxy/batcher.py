@@ -77,7 +77,9 @@ class Batcher:
         return self._in_flight
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+        self._runner = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher:{self.name}"
+        )
 
     def submit(self, request: InferRequest, key: tuple | None = None) -> asyncio.Future[Tensors]:
         """Queue a request; the future resolves to its own rows of every output.
@@ -198,7 +200,9 @@ class Batcher:
             timeout = self._timeout(slices)
             try:
                 call = self._call(inputs, timeout)
-                outputs = await (call if timeout is None else asyncio.wait_for(call, max(timeout, 0)))
+                outputs = await (
+                    call if timeout is None else asyncio.wait_for(call, max(timeout, 0))
+                )
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"
@@ -206,6 +210,13 @@ class Batcher:
             parts = batching.split(outputs, [b - a for _, a, b in slices], self.name)
         except CoalesceError as exc:
             error = exc
+            log.warning(
+                "backend %s: batch of %d rows failed: %s: %s",
+                self.name,
+                sum(b - a for _, a, b in slices),
+                exc.code.name,
+                exc.message,
+            )
         except asyncio.CancelledError:
             error = Unavailable(f"backend '{self.name}' is shutting down")
             raise

@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--listen", help="gRPC address host:port (overrides the config)")
     serve_cmd.add_argument("--admin", help="admin HTTP address host:port (overrides the config)")
     serve_cmd.set_defaults(run=serve)
-    check_cmd = commands.add_parser("check", parents=[common], help="validate a config and exit (1 on problems)")
+    check_cmd = commands.add_parser(
+        "check", parents=[common], help="validate a config and exit (1 on problems)"
+    )
     check_cmd.add_argument("config")
     check_cmd.set_defaults(run=check)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return args.run(args)
 
 

@@ -80,12 +80,15 @@ class LocalBackend(_Backend):
         description="'module:factory'; the factory returns a callable taking and returning "
         "dict[str, numpy.ndarray] (or an object with such a __call__; async allowed)."
     )
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments to the factory.")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments to the factory."
+    )
     threads: int | None = Field(
         None, ge=1, description="Threads running a blocking model; default max_in_flight."
     )
     inline: bool = Field(
-        False, description="Call the model on the event loop: only for models that take microseconds."
+        False,
+        description="Call the model on the event loop: only for models that take microseconds.",
     )
 
     _check_model = field_validator("model")(classmethod(lambda cls, v: _check_import_path(v)))

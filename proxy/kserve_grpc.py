@@ -130,8 +130,14 @@ class KServeService:
     def handler(self) -> grpc.GenericRpcHandler:
         """Unary methods, each (de)serialised by the upb messages from protos/."""
         methods = {}
-        for method in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                       "ModelMetadata", "ModelInfer"):
+        for method in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+        ):
             request = getattr(wire, f"{method}Request")
             response = getattr(wire, f"{method}Response")
             methods[method] = grpc.unary_unary_rpc_method_handler(

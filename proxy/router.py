@@ -68,10 +68,17 @@ class Router:
                 adapter = adapter_class(spec.type)(name, spec)
                 await adapter.load()
             except Exception as exc:
-                raise StartupError(f"backend '{name}' cannot load: {type(exc).__name__}: {exc}") from exc
+                raise StartupError(
+                    f"backend '{name}' cannot load: {type(exc).__name__}: {exc}"
+                ) from exc
             timeout = spec.timeout_ms / 1000 if spec.timeout_ms else None
-            batcher = Batcher(name, adapter.infer, spec.batching, timeout_s=timeout,
-                              backend_limit=lambda a=adapter: a.max_batch_size)
+            batcher = Batcher(
+                name,
+                adapter.infer,
+                spec.batching,
+                timeout_s=timeout,
+                backend_limit=lambda a=adapter: a.max_batch_size,
+            )
             batcher.start()
             self.backends[name] = Backend(name, adapter, batcher)
         self.routes = {r.model: self.backends[r.backend] for r in self.config.routes}

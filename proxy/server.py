@@ -44,11 +44,13 @@ class Server:
         self.router.on_health_change = self._set_health
         await self.router.start()
         limit = int(self.config.max_message_mb * 1024 * 1024)
-        self._grpc = grpc.aio.server(options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         self._grpc.add_generic_rpc_handlers([KServeService(self.router).handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.port = self._grpc.add_insecure_port(self.config.listen)
@@ -58,8 +60,13 @@ class Server:
         if self.config.admin:
             self._admin = await admin.start(self.router, self.config.admin)
         host = self.config.listen.rpartition(":")[0]
-        log.info("serving %s on %s:%d (admin %s)", ", ".join(self.router.routes), host,
-                 self.port, self.config.admin or "off")
+        log.info(
+            "serving %s on %s:%d (admin %s)",
+            ", ".join(self.router.routes),
+            host,
+            self.port,
+            self.config.admin or "off",
+        )
 
     def _set_health(self, model: str, ready: bool) -> None:
         task = asyncio.get_running_loop().create_task(

@@ -59,7 +59,8 @@ def dtype_of(datatype: str, tensor: str) -> np.dtype:
         return DTYPES[datatype]
     except KeyError:
         raise InvalidArgument(
-            f"tensor '{tensor}': unknown datatype '{datatype}' (expected one of {', '.join(DTYPES)})"
+            f"tensor '{tensor}': unknown datatype '{datatype}' "
+            f"(expected one of {', '.join(DTYPES)})"
         ) from None
 
 

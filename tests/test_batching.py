@@ -63,7 +63,7 @@ async def wait_queued(server, count: int) -> None:
 
 
 async def test_a_lone_request_goes_out_at_once(gated_server):
-    server, model, client = gated_server
+    _, model, client = gated_server
     model.gate.set()
     await check(client, rows(1))
     assert model.batches == [1]
@@ -72,8 +72,9 @@ async def test_a_lone_request_goes_out_at_once(gated_server):
 async def test_requests_queued_while_busy_form_one_batch_across_routes(gated_server):
     server, model, client = gated_server
     first = await hold_backend(model, client)
-    calls = [asyncio.create_task(check(client, rows(i), model=("m", "m2")[i % 2]))
-             for i in range(20)]
+    calls = [
+        asyncio.create_task(check(client, rows(i), model=("m", "m2")[i % 2])) for i in range(20)
+    ]
     await wait_queued(server, 20)
     model.gate.set()
     await asyncio.gather(first, *calls)
@@ -119,9 +120,9 @@ async def test_incompatible_requests_queue_apart_and_all_progress():
 
 async def test_a_full_queue_answers_resource_exhausted_at_once(gated_server):
     server, model, client = gated_server
-    server.router.backends["b"].batcher._policy = server.router.backends["b"].batcher._policy.model_copy(
-        update={"max_queue": 4}
-    )
+    server.router.backends["b"].batcher._policy = server.router.backends[
+        "b"
+    ].batcher._policy.model_copy(update={"max_queue": 4})
     first = await hold_backend(model, client)
     queued = [asyncio.create_task(check(client, rows(i))) for i in range(4)]
     await wait_queued(server, 4)

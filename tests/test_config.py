@@ -21,8 +21,10 @@ def problems(data) -> list[str]:
 
 
 def minimal(**backend) -> dict:
-    return {"backends": {"m": {"type": "local", "model": "a.b:c", **backend}},
-            "routes": [{"model": "m", "backend": "m"}]}
+    return {
+        "backends": {"m": {"type": "local", "model": "a.b:c", **backend}},
+        "routes": [{"model": "m", "backend": "m"}],
+    }
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -33,8 +35,12 @@ def test_every_example_config_is_valid(path):
 def test_defaults_are_filled_in():
     parsed = config.parse(minimal())
     batching = parsed.backends["m"].batching
-    assert (batching.max_batch_size, batching.max_delay_ms, batching.max_in_flight,
-            batching.max_queue) == (64, 0, 1, 4096)
+    assert (
+        batching.max_batch_size,
+        batching.max_delay_ms,
+        batching.max_in_flight,
+        batching.max_queue,
+    ) == (64, 0, 1, 4096)
     assert parsed.listen == "127.0.0.1:8500" and parsed.grace_period_s == 10
 
 
@@ -48,34 +54,48 @@ def test_every_problem_is_reported_with_its_key_path():
     data["routes"].append({"model": "x"})
     data["listen"] = "nowhere"
     data["backends"]["t"] = {"type": "triton", "model": "r"}
-    assert sorted(problems(data)) == sorted([
-        "backends.m.batching.max_batch_size: must be >= 1",
-        "backends.m.batching.max_queue: must be >= 1",
-        "backends.m.batching.colour: unknown key",
-        "backends.t.target: required",
-        "routes.1.backend: required",
-        "listen: must be host:port, got 'nowhere'",
-    ])
+    assert sorted(problems(data)) == sorted(
+        [
+            "backends.m.batching.max_batch_size: must be >= 1",
+            "backends.m.batching.max_queue: must be >= 1",
+            "backends.m.batching.colour: unknown key",
+            "backends.t.target: required",
+            "routes.1.backend: required",
+            "listen: must be host:port, got 'nowhere'",
+        ]
+    )
 
 
 def test_routes_must_name_known_backends_once():
     data = minimal()
     data["routes"] += [{"model": "m", "backend": "m"}, {"model": "z", "backend": "ghost"}]
-    assert problems(data) == ["routes.1.model: 'm' is routed twice",
-                              "routes.2.backend: unknown backend 'ghost'"]
+    assert problems(data) == [
+        "routes.1.model: 'm' is routed twice",
+        "routes.2.backend: unknown backend 'ghost'",
+    ]
 
 
 def test_custom_adapter_types_need_an_import_path():
     assert problems({"backends": {"c": {"type": "mything"}}, "routes": []}) == [
-        "backends.c.type: must be 'module:attribute', got 'mything'"]
-    parsed = config.parse({"backends": {"c": {"type": "pkg.mod:Adapter", "options": {"k": 1}}},
-                           "routes": [{"model": "c", "backend": "c"}]})
+        "backends.c.type: must be 'module:attribute', got 'mything'"
+    ]
+    parsed = config.parse(
+        {
+            "backends": {"c": {"type": "pkg.mod:Adapter", "options": {"k": 1}}},
+            "routes": [{"model": "c", "backend": "c"}],
+        }
+    )
     assert parsed.backends["c"].options == {"k": 1}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coalesce.cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "coalesce.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 def test_check_command_exit_status_and_messages(tmp_path):

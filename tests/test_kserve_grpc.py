@@ -14,26 +14,55 @@ from tritonclient.utils import InferenceServerException
 from tests.client import inputs, raw_infer
 from tests.conftest import local_backend
 
-NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-           "FP16", "FP32", "FP64"]
-DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-          "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-          "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+NUMERIC = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+]
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One `coalesce serve` process for the whole module (the sync client needs its own loop)."""
-    from tests.conftest import Process
+    from tests.support.coalesce import Process
 
-    process = Process({
-        "backends": {
-            "echo": local_backend("echo"),
-            "affine": local_backend("affine"),
+    process = Process(
+        {
+            "backends": {
+                "echo": local_backend("echo"),
+                "affine": local_backend("affine"),
+            },
+            "routes": [
+                {"model": "echo", "backend": "echo"},
+                {"model": "affine", "backend": "affine"},
+                {"model": "affine-v2", "backend": "affine"},
+            ],
         },
-        "routes": [{"model": "echo", "backend": "echo"}, {"model": "affine", "backend": "affine"},
-                   {"model": "affine-v2", "backend": "affine"}],
-    }, tmp_path_factory.mktemp("kserve"))
+        tmp_path_factory.mktemp("kserve"),
+    )
     yield process
     assert process.terminate() == 0
 
@@ -51,8 +80,11 @@ def channel(server):
 
 
 def sample(datatype: str, shape=(3, 2)) -> np.ndarray:
-    values = np.arange(np.prod(shape)).reshape(shape) % 2 if datatype == "BOOL" else (
-        np.arange(np.prod(shape)).reshape(shape) * 3 + 1)
+    values = (
+        np.arange(np.prod(shape)).reshape(shape) % 2
+        if datatype == "BOOL"
+        else (np.arange(np.prod(shape)).reshape(shape) * 3 + 1)
+    )
     return values.astype(DTYPES[datatype])
 
 
@@ -66,10 +98,19 @@ def test_every_numeric_datatype_round_trips_raw(client, datatype):
     assert out.dtype == x.dtype
 
 
-CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-            "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-            "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-            "FP32": "fp32_contents", "FP64": "fp64_contents"}
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
 
 
 @pytest.mark.parametrize("datatype", sorted(CONTENTS))
@@ -99,8 +140,9 @@ def test_bytes_round_trip_raw_and_typed(client, channel):
 
 def test_requested_outputs_and_request_id_are_honoured(client):
     x = np.ones((2, 4), dtype=np.float32)
-    result = client.infer("affine", inputs(x=x), outputs=[tc.InferRequestedOutput("s")],
-                          request_id="req-42")
+    result = client.infer(
+        "affine", inputs(x=x), outputs=[tc.InferRequestedOutput("s")], request_id="req-42"
+    )
     response = result.get_response()
     assert [o.name for o in response.outputs] == ["s"]
     assert response.id == "req-42" and response.model_name == "affine"
@@ -138,37 +180,81 @@ def bad(**fields) -> wire.ModelInferRequest:
 F32 = np.zeros((1, 4), np.float32).tobytes()
 BAD_REQUESTS = {
     "unknown model": (bad(model="nope"), grpc.StatusCode.NOT_FOUND, "model 'nope'"),
-    "unknown datatype": (bad(tensors=[("x", "FP12", [1, 4])]), grpc.StatusCode.INVALID_ARGUMENT,
-                         "tensor 'x': unknown datatype 'FP12'"),
-    "wrong datatype": (bad(tensors=[("x", "INT32", [1, 4])]), grpc.StatusCode.INVALID_ARGUMENT,
-                       "tensor 'x': datatype INT32, model 'affine' expects FP32"),
-    "wrong shape": (bad(tensors=[("x", "FP32", [2, 2])]), grpc.StatusCode.INVALID_ARGUMENT,
-                    "tensor 'x': shape [2, 2], model 'affine' expects [-1, 4]"),
-    "unknown input": (bad(tensors=[("x", "FP32", [1, 4]), ("z", "FP32", [1, 4])], raw=[F32, F32]),
-                      grpc.StatusCode.INVALID_ARGUMENT, "tensor 'z': not an input"),
-    "short raw": (bad(raw=[F32[:-1]]), grpc.StatusCode.INVALID_ARGUMENT,
-                  "tensor 'x': raw contents have 15 bytes, shape [1, 4] of FP32 needs 16"),
-    "huge dimension": (bad(tensors=[("x", "FP32", [1, 2**40])]), grpc.StatusCode.INVALID_ARGUMENT,
-                       "tensor 'x': raw contents have 16 bytes"),
-    "negative dimension": (bad(tensors=[("x", "FP32", [-1, 4])]), grpc.StatusCode.INVALID_ARGUMENT,
-                           "tensor 'x': shape [-1, 4] has a negative dimension"),
-    "scalar": (bad(tensors=[("x", "FP32", [])], raw=[b"\0\0\0\0"]),
-               grpc.StatusCode.INVALID_ARGUMENT, "tensor 'x': needs a batch dimension"),
-    "zero rows": (bad(tensors=[("x", "FP32", [0, 4])], raw=[b""]),
-                  grpc.StatusCode.INVALID_ARGUMENT, "batch dimension is 0"),
-    "raw count": (bad(raw=[F32, F32]), grpc.StatusCode.INVALID_ARGUMENT,
-                  "raw_input_contents: 2 entries for 1 inputs"),
-    "no inputs": (bad(tensors=[], raw=[]), grpc.StatusCode.INVALID_ARGUMENT,
-                  "inputs: the request has no input tensors"),
-    "duplicate input": (bad(tensors=[("x", "FP32", [1, 4])] * 2, raw=[F32, F32]),
-                        grpc.StatusCode.INVALID_ARGUMENT, "tensor 'x': sent twice"),
-    "rows disagree": (bad(model="echo", tensors=[("a", "FP32", [1, 4]), ("b", "FP32", [2, 2])],
-                          raw=[F32, F32]), grpc.StatusCode.INVALID_ARGUMENT,
-                      "inputs disagree on the batch dimension (a: 1, b: 2)"),
-    "truncated bytes": (bad(model="echo", tensors=[("t", "BYTES", [1])], raw=[b"\x05\0\0\0ab"]),
-                        grpc.StatusCode.INVALID_ARGUMENT, "tensor 't': BYTES element overruns"),
-    "bytes count": (bad(model="echo", tensors=[("t", "BYTES", [2])], raw=[b"\x01\0\0\0a"]),
-                    grpc.StatusCode.INVALID_ARGUMENT, "hold 1 elements, shape needs 2"),
+    "unknown datatype": (
+        bad(tensors=[("x", "FP12", [1, 4])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': unknown datatype 'FP12'",
+    ),
+    "wrong datatype": (
+        bad(tensors=[("x", "INT32", [1, 4])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': datatype INT32, model 'affine' expects FP32",
+    ),
+    "wrong shape": (
+        bad(tensors=[("x", "FP32", [2, 2])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': shape [2, 2], model 'affine' expects [-1, 4]",
+    ),
+    "unknown input": (
+        bad(tensors=[("x", "FP32", [1, 4]), ("z", "FP32", [1, 4])], raw=[F32, F32]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'z': not an input",
+    ),
+    "short raw": (
+        bad(raw=[F32[:-1]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': raw contents have 15 bytes, shape [1, 4] of FP32 needs 16",
+    ),
+    "huge dimension": (
+        bad(tensors=[("x", "FP32", [1, 2**40])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': raw contents have 16 bytes",
+    ),
+    "negative dimension": (
+        bad(tensors=[("x", "FP32", [-1, 4])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': shape [-1, 4] has a negative dimension",
+    ),
+    "scalar": (
+        bad(tensors=[("x", "FP32", [])], raw=[b"\0\0\0\0"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': needs a batch dimension",
+    ),
+    "zero rows": (
+        bad(tensors=[("x", "FP32", [0, 4])], raw=[b""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch dimension is 0",
+    ),
+    "raw count": (
+        bad(raw=[F32, F32]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "raw_input_contents: 2 entries for 1 inputs",
+    ),
+    "no inputs": (
+        bad(tensors=[], raw=[]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs: the request has no input tensors",
+    ),
+    "duplicate input": (
+        bad(tensors=[("x", "FP32", [1, 4])] * 2, raw=[F32, F32]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 'x': sent twice",
+    ),
+    "rows disagree": (
+        bad(model="echo", tensors=[("a", "FP32", [1, 4]), ("b", "FP32", [2, 2])], raw=[F32, F32]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs disagree on the batch dimension (a: 1, b: 2)",
+    ),
+    "truncated bytes": (
+        bad(model="echo", tensors=[("t", "BYTES", [1])], raw=[b"\x05\0\0\0ab"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor 't': BYTES element overruns",
+    ),
+    "bytes count": (
+        bad(model="echo", tensors=[("t", "BYTES", [2])], raw=[b"\x01\0\0\0a"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hold 1 elements, shape needs 2",
+    ),
 }
 
 
@@ -183,7 +269,9 @@ def test_bad_raw_requests_get_a_status_naming_the_problem(channel, client, case)
     np.testing.assert_array_equal(result.as_numpy("y"), [[3, 3, 3, 3]])
 
 
-def typed(datatype: str, shape: list[int], field: str | None, values: list) -> wire.ModelInferRequest:
+def typed(
+    datatype: str, shape: list[int], field: str | None, values: list
+) -> wire.ModelInferRequest:
     request = wire.ModelInferRequest(model_name="echo")
     tensor = request.inputs.add(name="v", datatype=datatype, shape=shape)
     if field:
@@ -191,11 +279,17 @@ def typed(datatype: str, shape: list[int], field: str | None, values: list) -> w
     return request
 
 
-@pytest.mark.parametrize(("request_", "message"), [
-    (typed("INT8", [2], "int_contents", [1, 300]), "tensor 'v': contents out of range for INT8"),
-    (typed("FP16", [1], None, []), "tensor 'v': FP16 can only be sent as raw contents"),
-    (typed("FP32", [3], "fp32_contents", [1.0]), "contents hold 1 values, shape [3] needs 3"),
-])
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (
+            typed("INT8", [2], "int_contents", [1, 300]),
+            "tensor 'v': contents out of range for INT8",
+        ),
+        (typed("FP16", [1], None, []), "tensor 'v': FP16 can only be sent as raw contents"),
+        (typed("FP32", [3], "fp32_contents", [1.0]), "contents hold 1 values, shape [3] needs 3"),
+    ],
+)
 def test_bad_typed_contents_are_invalid_argument(channel, request_, message):
     with pytest.raises(grpc.RpcError) as error:
         raw_infer(channel, request_)

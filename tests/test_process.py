@@ -17,15 +17,28 @@ from coalesce.example_model import load as load_example
 from tritonclient.utils import InferenceServerException
 
 from tests.client import inputs
-from tests.conftest import ROOT, free_port, local_backend
+from tests.conftest import local_backend
+from tests.support.coalesce import ROOT, free_port
 
 
 def test_quick_start_serves_the_bundled_model_with_no_config():
     port, admin = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coalesce.cli", "serve", "--listen", f"127.0.0.1:{port}",
-         "--admin", f"127.0.0.1:{admin}"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "coalesce.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            f"127.0.0.1:{admin}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"127.0.0.1:{port}"
         with tc.InferenceServerClient(url) as client:
@@ -49,11 +62,16 @@ def test_quick_start_serves_the_bundled_model_with_no_config():
 
 
 def test_sigterm_lets_queued_and_in_flight_requests_finish(coalesce_process):
-    proxy = coalesce_process({
-        "backends": {"slow": local_backend("affine", args={"delay_ms": 300},
-                                           batching={"max_batch_size": 4})},
-        "routes": [{"model": "slow", "backend": "slow"}],
-    })
+    proxy = coalesce_process(
+        {
+            "backends": {
+                "slow": local_backend(
+                    "affine", args={"delay_ms": 300}, batching={"max_batch_size": 4}
+                )
+            },
+            "routes": [{"model": "slow", "backend": "slow"}],
+        }
+    )
     results: dict[int, np.ndarray] = {}
     errors: list[Exception] = []
 
@@ -82,8 +100,9 @@ def test_sigterm_lets_queued_and_in_flight_requests_finish(coalesce_process):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_idle_server_exits_0_on_a_signal(coalesce_process, sig):
-    proxy = coalesce_process({"backends": {"a": local_backend("affine")},
-                              "routes": [{"model": "a", "backend": "a"}]})
+    proxy = coalesce_process(
+        {"backends": {"a": local_backend("affine")}, "routes": [{"model": "a", "backend": "a"}]}
+    )
     proxy.proc.send_signal(sig)
     assert proxy.proc.wait(20) == 0
     assert "stopped" in proxy.output()

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.client import affine_expected, inputs
-from tests.conftest import ROOT, free_port
+from tests.support.coalesce import ROOT, free_port
 
 
 def triton_backend(triton, model: str, **fields) -> dict:
@@ -26,7 +26,7 @@ def triton_backend(triton, model: str, **fields) -> dict:
 @pytest.fixture(scope="module")
 def proxy(triton, tmp_path_factory):
     """`coalesce serve` routing every Triton test model (two names for `affine`)."""
-    from tests.conftest import Process
+    from tests.support.coalesce import Process
 
     models = ["affine", "affine_nobatch", "slow_affine", "bytes_echo", "int_ops"]
     backends = {m: triton_backend(triton, m) for m in models}
@@ -51,7 +51,9 @@ def exercise(url: str, model: str) -> None:
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready(model)
         meta = client.get_model_metadata(model)
-        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 4])]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("x", "FP32", [-1, 4])
+        ]
         assert sorted(t.name for t in meta.outputs) == ["s", "y"]
         x = np.random.default_rng(1).standard_normal((3, 4), dtype=np.float32)
         result = client.infer(model, inputs(x=x), request_id="r1")
@@ -84,7 +86,9 @@ async def test_64_concurrent_callers_reach_triton_as_few_executions(triton, prox
     await client.close()
     after = stats(triton, "affine")
     inferences, executions = after[0] - before[0], after[1] - before[1]
-    print(f"640 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}")
+    print(
+        f"640 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}"
+    )
     assert inferences == 640
     assert executions <= 640 / 4  # single-row requests, so fewer executions = coalescing
 
@@ -148,7 +152,9 @@ def test_a_triton_error_reaches_the_caller_and_others_go_on(proxy):
         assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert "tensor 'x': shape [1, 3], model 'affine' expects [-1, 4]" in error.value.message()
         good = np.ones((2, 4), dtype=np.float32)
-        np.testing.assert_array_equal(client.infer("affine", inputs(x=good)).as_numpy("y"), 3 * good)
+        np.testing.assert_array_equal(
+            client.infer("affine", inputs(x=good)).as_numpy("y"), 3 * good
+        )
 
 
 def test_an_expired_request_is_never_sent_to_triton(triton, proxy):
@@ -156,7 +162,9 @@ def test_an_expired_request_is_never_sent_to_triton(triton, proxy):
     x = np.ones((1, 4), dtype=np.float32)
     with tc.InferenceServerClient(proxy.url) as client:
         done: list = []
-        first = threading.Thread(target=lambda: done.append(client.infer("slow_affine", inputs(x=x))))
+        first = threading.Thread(
+            target=lambda: done.append(client.infer("slow_affine", inputs(x=x)))
+        )
         first.start()
         time.sleep(0.05)
         with pytest.raises(InferenceServerException) as error:
@@ -189,12 +197,19 @@ def test_health_follows_triton_going_away_and_coming_back(coalesce_process):
 
     SERVING = health_pb2.HealthCheckResponse.SERVING
     with TritonServer(ROOT / "tests" / "triton_models") as own:
-        proxy = coalesce_process({
-            "backends": {"t": triton_backend(own, "affine", timeout_ms=2000),
-                         "ghost": {"type": "triton", "target": f"127.0.0.1:{free_port()}",
-                                   "model": "affine"}},
-            "routes": [{"model": "t", "backend": "t"}, {"model": "ghost", "backend": "ghost"}],
-        })
+        proxy = coalesce_process(
+            {
+                "backends": {
+                    "t": triton_backend(own, "affine", timeout_ms=2000),
+                    "ghost": {
+                        "type": "triton",
+                        "target": f"127.0.0.1:{free_port()}",
+                        "model": "affine",
+                    },
+                },
+                "routes": [{"model": "t", "backend": "t"}, {"model": "ghost", "backend": "ghost"}],
+            }
+        )
         x = np.ones((1, 4), dtype=np.float32)
         with tc.InferenceServerClient(proxy.url) as client:
             assert health(proxy.url, "t") == SERVING

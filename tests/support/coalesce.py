@@ -43,8 +43,19 @@ class Process:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "coalesce.cli", "serve", "--config", str(self.config), *args],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                [
+                    sys.executable,
+                    "-m",
+                    "coalesce.cli",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
             )
         self._wait_serving()
 
