@@ -224,3 +224,23 @@ async def test_many_concurrent_callers_each_get_their_own_rows():
 
 def test_status_codes_are_grpc_codes():
     assert grpc.StatusCode.RESOURCE_EXHAUSTED.name == "RESOURCE_EXHAUSTED"
+
+
+async def test_a_blocking_model_does_not_block_the_event_loop():
+    data = {
+        "backends": {
+            "slow": local_backend("affine", args={"delay_ms": 1000}),
+            "fast": local_backend("affine"),
+        },
+        "routes": [{"model": "slow", "backend": "slow"}, {"model": "fast", "backend": "fast"}],
+    }
+    async with running(data) as server:
+        client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+        slow = asyncio.create_task(check(client, rows(1), model="slow"))
+        await asyncio.sleep(0.1)  # the slow model is now sleeping in its thread
+        started = asyncio.get_running_loop().time()
+        await check(client, rows(2), model="fast")
+        assert asyncio.get_running_loop().time() - started < 0.5
+        assert not slow.done()
+        await slow
+        await client.close()
