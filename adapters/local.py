@@ -31,11 +31,17 @@ class LocalAdapter:
         self._model: Any = None
         self._is_async = False
         self._pool: ThreadPoolExecutor | None = None
+        self._info = ModelInfo()
 
     async def load(self) -> None:
         self._model = import_string(self.config.model)(**self.config.args)
         call = type(self._model).__call__ if not inspect.isroutine(self._model) else self._model
         self._is_async = inspect.iscoroutinefunction(call)
+        self._info = ModelInfo(
+            inputs=_specs(getattr(self._model, "inputs", ())),
+            outputs=_specs(getattr(self._model, "outputs", ())),
+            platform="coalesce_local",
+        )
         if not (self._is_async or self.config.inline):
             threads = self.config.threads or self.config.batching.max_in_flight
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"model-{self.name}")
@@ -66,11 +72,7 @@ class LocalAdapter:
         return self._model is not None
 
     def info(self) -> ModelInfo:
-        return ModelInfo(
-            inputs=_specs(getattr(self._model, "inputs", ())),
-            outputs=_specs(getattr(self._model, "outputs", ())),
-            platform="coalesce_local",
-        )
+        return self._info
 
     @property
     def max_batch_size(self) -> int | None:

@@ -63,8 +63,8 @@ class Batcher:
         self._queued = 0
         self._in_flight = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(policy.max_in_flight)
         self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task | None = None
         self._closed = False
 
@@ -77,9 +77,8 @@ class Batcher:
         return self._in_flight
 
     def start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher:{self.name}"
-        )
+        self._loop = asyncio.get_running_loop()
+        self._runner = self._loop.create_task(self._run(), name=f"batcher:{self.name}")
 
     def submit(self, request: InferRequest, key: tuple | None = None) -> asyncio.Future[Tensors]:
         """Queue a request; the future resolves to its own rows of every output.
@@ -98,7 +97,7 @@ class Batcher:
             raise ResourceExhausted(
                 f"backend '{self.name}' queue is full ({self._queued} of {limit} rows); retry later"
             )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future = loop.create_future()
         key = key or batching.signature(request.inputs)
         queue = self._queues.get(key)
@@ -118,20 +117,26 @@ class Batcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
+        """With one dispatch slot the batch is awaited right here: no task per batch."""
+        concurrent = self._policy.max_in_flight > 1
         try:
             while True:
-                await self._slots.acquire()
                 slices = await self._collect()
                 self._in_flight += 1
-                task = asyncio.get_running_loop().create_task(self._dispatch(slices))
+                if not concurrent:
+                    await self._dispatch(slices)
+                    continue
+                task = self._loop.create_task(self._dispatch(slices))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
             self._fail_queued(Unavailable(f"backend '{self.name}' is shutting down"))
 
     async def _collect(self) -> list[_Slice]:
+        """The next batch, once rows are queued and a dispatch slot is free."""
+        limit = self._policy.max_in_flight
         while True:
-            while not self._queued:
+            while not self._queued or self._in_flight >= limit:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self._policy.max_delay_ms > 0:
@@ -147,7 +152,7 @@ class Batcher:
 
     async def _linger(self) -> None:
         """Wait up to max_delay_ms after the oldest queued request for a fuller batch."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         oldest = min(q[0].arrived for q in self._queues.values() if q)
         until = oldest + self._policy.max_delay_ms / 1000
         while self._queued < self._capacity() and loop.time() < until:
@@ -161,7 +166,7 @@ class Batcher:
         """Up to a batch of rows from the queue whose head waited longest."""
         key = min(self._queues, key=lambda k: self._queues[k][0].arrived)
         queue = self._queues[key]
-        room, now, slices = self._capacity(), asyncio.get_running_loop().time(), []
+        room, now, slices = self._capacity(), self._loop.time(), []
         while queue and room:
             pending = queue[0]
             request = pending.request
@@ -189,7 +194,7 @@ class Batcher:
         deadlines = [p.request.deadline for p, _, _ in slices]
         timeout = self._timeout_s
         if None not in deadlines:
-            left = max(deadlines) - asyncio.get_running_loop().time()  # type: ignore[type-var]
+            left = max(deadlines) - self._loop.time()  # type: ignore[type-var]
             timeout = left if timeout is None else min(timeout, left)
         return timeout
 
@@ -231,7 +236,7 @@ class Batcher:
                     if not pending.future.done():
                         pending.future.set_exception(error)
             self._in_flight -= 1
-            self._slots.release()
+            self._wakeup.set()
 
     @staticmethod
     def _deliver(slices: list[_Slice], parts: list[Tensors]) -> None:

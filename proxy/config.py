@@ -148,6 +148,12 @@ class Config(_Strict):
         10.0, ge=0, description="On SIGTERM, how long queued and in-flight requests may finish."
     )
     max_message_mb: float = Field(64, gt=0, description="Largest gRPC message, either way.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Serving processes sharing the listen port (SO_REUSEPORT), each with its "
+        "own batchers; client connections are spread across them by the kernel.",
+    )
     backends: dict[str, Backend] = Field(description="Backend models by name.")
     routes: list[Route] = Field(description="Model names served, each mapped to a backend.")
 

@@ -88,16 +88,17 @@ class KServeService:
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        self._time = asyncio.get_running_loop().time
 
     @grpc_status
     async def ModelInfer(self, request, context: grpc.aio.ServicerContext):
         backend = self.router.get(request.model_name, request.model_version)
-        names = requested_outputs(request, backend.info())
+        info = backend.info()
+        names = requested_outputs(request, info) if request.outputs else []
         left = context.time_remaining()
-        deadline = None if left is None else asyncio.get_running_loop().time() + left
+        deadline = None if left is None else self._time() + left
         outputs = await backend.infer(decode(request, deadline))
-        version = request.model_version or backend.info().versions[0]
-        return encode(request, version, outputs, names)
+        return encode(request, request.model_version or info.versions[0], outputs, names)
 
     @grpc_status
     async def ServerLive(self, request, context):

@@ -48,7 +48,9 @@ class Server:
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Sharing the port is only right between our own workers; otherwise a
+            # second sidecar on the same port must fail, not silently split traffic.
+            ("grpc.so_reuseport", int(self.config.workers > 1)),
             ]
         )
         self._grpc.add_generic_rpc_handlers([KServeService(self.router).handler()])
