@@ -19,7 +19,16 @@ def compile_protos() -> None:
     include = ROOT / "protos"
     sources = sorted(str(p) for p in include.glob("*.proto"))
     out = ROOT / "proxy" / "_protos.binpb"
-    args = ["protoc", f"-I{include}", f"--descriptor_set_out={out}", "--include_imports", *sources]
+    # grpc_tools ships the well-known types (google/protobuf/any.proto, wrappers.proto)
+    well_known = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{include}",
+        f"-I{well_known}",
+        f"--descriptor_set_out={out}",
+        "--include_imports",
+        *sources,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {sources}")
 

@@ -121,6 +121,8 @@ Target = tuple[str, str, int, list[bytes], list[bytes]]  # (label, url, pid, req
 
 def compare(scenario: str, targets: list[Target], concurrencies: list[int], args) -> list[dict]:
     """Every target at every concurrency, `repeats` times, alternating targets."""
+    if args.concurrencies:
+        concurrencies = [int(c) for c in args.concurrencies.split(",")]
     rows = []
     for c in concurrencies:
         runs: dict[str, list[dict]] = {t[0]: [] for t in targets}
@@ -253,10 +255,60 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
         empty.wait()
 
 
+def scenario_streaming(args, tmp: Path) -> list[dict]:
+    """4. Streaming: rows/s through ModelStreamInfer vs unary calls, same instant model."""
+    import pickle
+
+    config = {"backends": {"echo": {"type": "local", "model": "benchmarks.models:identity",
+                                    "inline": True}},
+              "routes": [{"model": "bench_mlp", "backend": "echo", "ordered": True}]}
+    xs = bench_model.inputs(256)
+    requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
+    expected = [xs[i : i + 1].tobytes() for i in range(256)]
+    (tmp / "requests.pkl").write_bytes(pickle.dumps(requests))
+    (tmp / "expected.pkl").write_bytes(pickle.dumps(expected))
+    rows = []
+    with coalesce(config, tmp) as proxy:
+        for _ in range(args.repeats):
+            unary = measure(proxy.url, proxy.proc.pid, requests, expected, concurrency=64,
+                            duration=args.duration, warmup=args.warmup)
+            start = cpu_seconds(proxy.proc.pid)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.stream_client", proxy.url,
+                 str(tmp / "requests.pkl"), str(tmp / "expected.pkl"), "4", "64",
+                 str(args.duration)], capture_output=True, text=True, cwd=ROOT, check=True)
+            server_cpu = cpu_seconds(proxy.proc.pid) - start
+            stream = json.loads(out.stdout)
+            rows.append((unary, stream, server_cpu))
+    unary_rps = statistics.median(r[0]["throughput_rps"] for r in rows)
+    stream_rps = statistics.median(r[1]["rows_per_s"] for r in rows)
+    result = []
+    for label, rps, cpu_us, client_us, wrong in [
+        ("unary ModelInfer, c=64", unary_rps,
+         statistics.median(r[0]["server_cpu_us_per_req"] for r in rows),
+         statistics.median(r[0]["loadgen_cpu_us_per_req"] for r in rows),
+         sum(r[0]["mismatches"] for r in rows)),
+        ("ModelStreamInfer, 4 streams x 64", stream_rps,
+         statistics.median(r[2] / max(r[1]["answered"], 1) * 1e6 for r in rows),
+         statistics.median(r[1]["cpu_s"] / max(r[1]["answered"], 1) * 1e6 for r in rows),
+         sum(r[1]["wrong"] + r[1]["errors"] for r in rows)),
+    ]:
+        row = {"scenario": "streaming", "target": label, "concurrency": 256 if "Stream" in label
+               else 64, "throughput_rps": rps, "x_baseline_rps": rps / unary_rps,
+               "p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"),
+               "max_ms": float("nan"), "server_cpu_us_per_req": cpu_us,
+               "loadgen_cpu_us_per_req": client_us, "mismatches": wrong, "errors": [],
+               "repeats": args.repeats}
+        result.append(row)
+        print(format_row(row), flush=True)
+    return result
+
+
 SCENARIOS: dict[str, Callable] = {
     "gain": scenario_gain,
     "versus": scenario_versus,
     "overhead": scenario_overhead,
+    "streaming": scenario_streaming,
 }
 
 
@@ -268,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--concurrencies", help="e.g. 1,64: instead of each scenario's own")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     print(HEADER, flush=True)

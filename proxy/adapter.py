@@ -15,6 +15,9 @@ from .request import ModelInfo, Tensors
 ADAPTERS: dict[str, str] = {
     "local": "coalesce.adapters.local:LocalAdapter",
     "triton": "coalesce.adapters.triton:TritonAdapter",
+    "grpc": "coalesce.adapters.grpc:GrpcAdapter",
+    "python": "coalesce.adapters.python:PythonAdapter",
+    "tfserving": "coalesce.adapters.tfserving:TFServingAdapter",
 }
 
 

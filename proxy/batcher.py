@@ -14,14 +14,28 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+import grpc
+
 from . import batching
 from .config import Batching
 from .errors import CoalesceError, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from .metrics import BackendStats
 from .request import InferRequest, Tensors
 
 log = logging.getLogger("coalesce")
 
 Call = Callable[[Tensors, float | None], Awaitable[Tensors]]
+
+ISOLATE = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+"""Failures that one bad request can cause for its whole batch (not UNAVAILABLE etc.)."""
 """An adapter's batch method: (inputs, timeout in seconds or None) -> outputs."""
 
 
@@ -53,12 +67,14 @@ class Batcher:
         *,
         timeout_s: float | None = None,
         backend_limit: Callable[[], int | None] = lambda: None,
+        stats: BackendStats | None = None,
     ) -> None:
         self.name = name
         self._call = call
         self._policy = policy
         self._timeout_s = timeout_s
         self._backend_limit = backend_limit
+        self.stats = stats or BackendStats()
         self._queues: dict[tuple, deque[_Pending]] = {}
         self._queued = 0
         self._in_flight = 0
@@ -107,6 +123,31 @@ class Batcher:
         self._queued += request.rows
         self._wakeup.set()
         return future
+
+    async def infer(self, request: InferRequest, key: tuple | None = None) -> Tensors:
+        """Like `await submit(...)`, but an idle backend gets the request directly.
+
+        With nothing queued and a free slot, the caller's own task makes the call:
+        no hop through the scheduler task and no future, which is what a lone
+        request at light load should cost. Anything that arrives meanwhile queues
+        and the scheduler sends it when the slot frees.
+        """
+        if self._queued or self._in_flight >= self._policy.max_in_flight or self._closed:
+            return await self.submit(request, key)
+        if self._policy.max_delay_ms or request.rows > self._capacity():
+            return await self.submit(request, key)
+        self._in_flight += 1
+        try:
+            slices = [(_Pending(request, None, 0.0), 0, request.rows)]  # type: ignore[arg-type]
+            outputs = await self._call_backend(slices)
+            return batching.split(outputs, [request.rows], self.name)[0]
+        except CoalesceError as exc:
+            raise self._failed(request.rows, exc) from None
+        except Exception as exc:
+            raise self._failed(request.rows, exc) from exc
+        finally:
+            self._in_flight -= 1
+            self._wakeup.set()
 
     async def close(self) -> None:
         """Stop at once: anything still queued or in flight is answered UNAVAILABLE."""
@@ -178,6 +219,8 @@ class Batcher:
                         DeadlineExceeded(f"deadline passed while queued for backend '{self.name}'")
                     )
                 continue
+            if not pending.taken:
+                self.stats.queue_wait.observe(now - pending.arrived)
             count = min(request.rows - pending.taken, room)
             slices.append((pending, pending.taken, pending.taken + count))
             pending.taken += count
@@ -199,44 +242,69 @@ class Batcher:
         return timeout
 
     async def _dispatch(self, slices: list[_Slice]) -> None:
-        error: CoalesceError | None = None
         try:
-            inputs = batching.merge([(p.request.inputs, a, b) for p, a, b in slices])
-            timeout = self._timeout(slices)
-            try:
-                call = self._call(inputs, timeout)
-                outputs = await (
-                    call if timeout is None else asyncio.wait_for(call, max(timeout, 0))
-                )
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"
-                ) from None
-            parts = batching.split(outputs, [b - a for _, a, b in slices], self.name)
-        except CoalesceError as exc:
-            error = exc
-            log.warning(
-                "backend %s: batch of %d rows failed: %s: %s",
-                self.name,
-                sum(b - a for _, a, b in slices),
-                exc.code.name,
-                exc.message,
-            )
+            await self._attempt(slices)
         except asyncio.CancelledError:
-            error = Unavailable(f"backend '{self.name}' is shutting down")
+            self._fail(slices, Unavailable(f"backend '{self.name}' is shutting down"))
             raise
-        except Exception as exc:
-            log.exception("backend %s failed", self.name)
-            error = Internal(f"backend '{self.name}' failed: {type(exc).__name__}: {exc}")
-        else:
-            self._deliver(slices, parts)
         finally:
-            if error is not None:
-                for pending, _, _ in slices:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
             self._in_flight -= 1
             self._wakeup.set()
+
+    async def _attempt(self, slices: list[_Slice]) -> None:
+        """Run a batch; if it fails in a way one bad request can cause, split and retry.
+
+        Halving isolates the offending requests in at most 2n-1 calls for n requests,
+        so the good requests that shared their batch still get their answers.
+        """
+        try:
+            outputs = await self._call_backend(slices)
+            parts = batching.split(outputs, [b - a for _, a, b in slices], self.name)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, CoalesceError) else grpc.StatusCode.INTERNAL
+            if code in ISOLATE and len(slices) > 1:
+                self.stats.retries += 2
+                half = len(slices) // 2
+                await self._attempt(slices[:half])
+                await self._attempt(slices[half:])
+                return
+            self._fail(slices, self._failed(sum(b - a for _, a, b in slices), exc))
+        else:
+            self._deliver(slices, parts)
+
+    async def _call_backend(self, slices: list[_Slice]) -> Tensors:
+        inputs = batching.merge([(p.request.inputs, a, b) for p, a, b in slices])
+        timeout = self._timeout(slices)
+        call = self._call(inputs, timeout)
+        stats, start = self.stats, self._loop.time()
+        stats.batch_size.observe(sum(b - a for _, a, b in slices))
+        try:
+            if timeout is None:
+                return await call
+            return await asyncio.wait_for(call, max(timeout, 0))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"
+            ) from None
+        finally:
+            stats.call.observe(self._loop.time() - start)
+
+    def _failed(self, rows: int, exc: Exception) -> CoalesceError:
+        """Log a failed backend call once; the error its callers get."""
+        self.stats.error(exc.code.name if isinstance(exc, CoalesceError) else "INTERNAL")
+        if isinstance(exc, CoalesceError):
+            log.warning(
+                "backend %s: %d rows failed: %s: %s", self.name, rows, exc.code.name, exc.message
+            )
+            return exc
+        log.error("backend %s failed", self.name, exc_info=exc)
+        return Internal(f"backend '{self.name}' failed: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _fail(slices: list[_Slice], error: CoalesceError) -> None:
+        for pending, _, _ in slices:
+            if not pending.future.done():
+                pending.future.set_exception(error)
 
     @staticmethod
     def _deliver(slices: list[_Slice], parts: list[Tensors]) -> None:

@@ -1,4 +1,4 @@
-"""`coalesce serve [--config FILE]` and `coalesce check FILE`."""
+"""`coalesce serve [--config FILE]`, `coalesce check FILE` and `coalesce health`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 
 from . import config as config_module
+from . import logs
 from .config import ConfigError
 
 
@@ -32,14 +33,29 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    overrides = {"listen": args.listen, "admin": args.admin}
+    overrides = {
+        "listen": args.listen,
+        "admin": args.admin,
+        "http": args.http,
+        "workers": args.workers,
+    }
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    if args.worker_index:  # only worker 0 serves the admin port
+        overrides["admin"] = None
     if overrides:
         try:
             config = config_module.parse({**config.model_dump(), **overrides})
         except ConfigError as exc:
             print("\n".join(f"--{p}" for p in exc.problems), file=sys.stderr)
             return 1
+    if config.workers > 1 and args.worker_index is None:
+        from .workers import supervise
+
+        return supervise(args.argv, config.workers)
+    if args.worker_index is not None:
+        from .workers import die_with_parent
+
+        die_with_parent()
     from .router import StartupError
     from .server import Server
 
@@ -57,25 +73,60 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def health(args: argparse.Namespace) -> int:
+    from .health_check import run
+
+    return run(args.address, args.service, args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests check the Dockerfile and manifests against it)."""
     parser = argparse.ArgumentParser(prog="coalesce", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    common.add_argument(
+        "--log-format", choices=logs.FORMATS, default="text", help="text or json (a line each)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", parents=[common], help="run the sidecar")
     serve_cmd.add_argument("--config", help="routing config (YAML); default: the bundled example")
     serve_cmd.add_argument("--listen", help="gRPC address host:port (overrides the config)")
     serve_cmd.add_argument("--admin", help="admin HTTP address host:port (overrides the config)")
+    serve_cmd.add_argument(
+        "--http", help="HTTP/JSON front ends' address host:port (overrides the config)"
+    )
+    serve_cmd.add_argument("--workers", type=int, help="serving processes (overrides the config)")
+    serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve_cmd.set_defaults(run=serve)
     check_cmd = commands.add_parser(
         "check", parents=[common], help="validate a config and exit (1 on problems)"
     )
     check_cmd.add_argument("config")
     check_cmd.set_defaults(run=check)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    health_cmd = commands.add_parser(
+        "health", parents=[common], help="grpc.health.v1 check: exit 0 if SERVING, else 1"
     )
+    health_cmd.add_argument(
+        "--address",
+        default=config_module.Config.model_fields["listen"].default,
+        help="the server's gRPC address host:port (default: the config default, %(default)s)",
+    )
+    health_cmd.add_argument(
+        "--service", default="", help="a routed model's name; default '': the whole server"
+    )
+    health_cmd.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)"
+    )
+    health_cmd.set_defaults(run=health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments, handed on to workers
+    logs.configure(args.log_level, args.log_format)
     return args.run(args)
 
 

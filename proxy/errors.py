@@ -76,18 +76,19 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.CANCELLED: 499,
+    # google.rpc's mapping, for statuses a backend may answer with:
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
 }
 
 
 def http_status(error: CoalesceError) -> int:
     """The HTTP status for an error (500 for anything without a closer match)."""
     return HTTP_STATUS.get(error.code, 500)
-
-
-def status_from_name(name: str) -> grpc.StatusCode:
-    """`grpc.StatusCode` from a name such as "StatusCode.INVALID_ARGUMENT" or "UNAVAILABLE"."""
-    key = name.rsplit(".", 1)[-1].strip().upper()
-    return grpc.StatusCode.__members__.get(key, grpc.StatusCode.UNKNOWN)
 
 
 R = TypeVar("R")

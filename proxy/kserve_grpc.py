@@ -8,74 +8,25 @@ request bytes; outputs go back in raw_output_contents.
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import grpc
 
 from . import __version__, wire
-from .errors import InvalidArgument, grpc_status
-from .request import InferRequest, ModelInfo, Tensors
-from .router import Router
-from .tensors import CONTENTS_FIELD, check_shape, from_contents, from_raw, to_raw
+from .errors import grpc_status
+from .kserve_codec import decode, encode, requested_outputs
+from .kserve_stream import StreamSession
+from .request import InferRequest
+from .router import Backend, Router
 
 
-def decode(request, deadline: float | None) -> InferRequest:
-    """A ModelInferRequest as named arrays; every problem names the tensor."""
-    raw = request.raw_input_contents
-    if not request.inputs:
-        raise InvalidArgument("inputs: the request has no input tensors")
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(
-            f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs"
-        )
-    tensors: Tensors = {}
-    for i, tensor in enumerate(request.inputs):
-        name = tensor.name
-        if name in tensors:
-            raise InvalidArgument(f"tensor '{name}': sent twice")
-        shape = check_shape(tensor.shape, name)
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(f"tensor '{name}': both contents and raw_input_contents")
-            tensors[name] = from_raw(raw[i], tensor.datatype, shape, name)
-        else:
-            field = CONTENTS_FIELD.get(tensor.datatype)
-            values = getattr(tensor.contents, field) if field else ()
-            tensors[name] = from_contents(values, tensor.datatype, shape, name)
-    rows = {len(a) for a in tensors.values()}
-    if len(rows) > 1:
-        sizes = ", ".join(f"{n}: {len(a)}" for n, a in tensors.items())
-        raise InvalidArgument(f"inputs disagree on the batch dimension ({sizes})")
-    count = rows.pop()
-    if count == 0:
-        raise InvalidArgument(f"tensor '{next(iter(tensors))}': batch dimension is 0")
-    return InferRequest(tensors, count, deadline, request.id)
+class Call(NamedTuple):
+    """A decoded, routed request and what its answer must carry."""
 
-
-def requested_outputs(request, info: ModelInfo) -> list[str]:
-    """Output names asked for, checked against the model's declared outputs when known."""
-    names = [o.name for o in request.outputs]
-    known = {spec.name for spec in info.outputs}
-    for name in names:
-        if known and name not in known:
-            raise InvalidArgument(
-                f"outputs: '{name}' is not an output of model '{request.model_name}' "
-                f"(it has {', '.join(sorted(known))})"
-            )
-    return names
-
-
-def encode(request, version: str, outputs: Tensors, names: list[str]):
-    response = wire.ModelInferResponse(
-        model_name=request.model_name, model_version=version, id=request.id
-    )
-    for name in names or outputs:
-        array = outputs.get(name)
-        if array is None:
-            raise InvalidArgument(f"outputs: model '{request.model_name}' has no output '{name}'")
-        datatype, raw = to_raw(array, name)
-        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(raw)
-    return response
+    backend: Backend
+    request: InferRequest
+    names: list[str]  # requested outputs; empty for all
+    version: str
 
 
 def _tensor_metadata(specs):
@@ -90,15 +41,24 @@ class KServeService:
         self.router = router
         self._time = asyncio.get_running_loop().time
 
-    @grpc_status
-    async def ModelInfer(self, request, context: grpc.aio.ServicerContext):
+    def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
+        """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
         backend = self.router.get(request.model_name, request.model_version)
         info = backend.info()
         names = requested_outputs(request, info) if request.outputs else []
         left = context.time_remaining()
         deadline = None if left is None else self._time() + left
-        outputs = await backend.infer(decode(request, deadline))
-        return encode(request, request.model_version or info.versions[0], outputs, names)
+        version = request.model_version or info.versions[0]
+        return Call(backend, decode(request, deadline), names, version)
+
+    @grpc_status
+    async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
+        call = self.prepare(request, context)
+        return encode(request, call.version, await call.backend.infer(call.request), call.names)
+
+    async def ModelStreamInfer(self, requests, context: grpc.aio.ServicerContext):
+        async for response in StreamSession(self, context).run(requests):
+            yield response
 
     @grpc_status
     async def ServerLive(self, request, context):
@@ -144,6 +104,10 @@ class KServeService:
             methods[method] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method),
                 request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString,
+                # ModelInfer answers are serialized by encode() already
+                response_serializer=None if method == "ModelInfer" else response.SerializeToString,
             )
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer, request_deserializer=wire.ModelInferRequest.FromString
+        )
         return grpc.method_handlers_generic_handler(wire.KSERVE, methods)

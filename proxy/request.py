@@ -20,6 +20,8 @@ class InferRequest:
     """`loop.time()` after which the caller no longer wants the answer."""
     id: str = ""
     metadata: tuple[tuple[str, str], ...] = ()
+    route: str = ""
+    """The model name the caller asked for (a metrics label)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,11 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import admin
+from . import admin, rest, stats
 from .config import Config
 from .kserve_grpc import KServeService
 from .router import Router
+from .tfserving_grpc import TFServingService
 
 log = logging.getLogger("coalesce")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -35,7 +36,10 @@ class Server:
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
+        self.http_port = 0
+        self._http: web.AppRunner | None = None
         self._health_tasks: set[asyncio.Task] = set()
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> None:
         for route in self.config.routes:
@@ -49,25 +53,41 @@ class Server:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 # Sharing the port is only right between our own workers; otherwise a
-            # second sidecar on the same port must fail, not silently split traffic.
-            ("grpc.so_reuseport", int(self.config.workers > 1)),
+                # second sidecar on the same port must fail, not silently split traffic.
+                ("grpc.so_reuseport", int(self.config.workers > 1)),
             ]
         )
-        self._grpc.add_generic_rpc_handlers([KServeService(self.router).handler()])
+        self._grpc.add_generic_rpc_handlers(
+            [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.port = self._grpc.add_insecure_port(self.config.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._grpc.start()
+        folder = stats.shared_folder()
+        if folder is not None and folder.worker:  # the admin worker reads the others
+            self._publisher = asyncio.get_running_loop().create_task(
+                stats.publish(self.router, folder)
+            )
         if self.config.admin:
-            self._admin = await admin.start(self.router, self.config.admin)
+            self._admin = await admin.start(self.router, self.config.admin, folder)
+        if self.config.http:
+            self._http, self.http_port = await rest.start(
+                self.router,
+                self.config.http,
+                max_body_bytes=limit,
+                grace=self.config.grace_period_s,
+                reuse_port=self.config.workers > 1,
+            )
         host = self.config.listen.rpartition(":")[0]
         log.info(
-            "serving %s on %s:%d (admin %s)",
+            "serving %s on %s:%d (admin %s, http %s)",
             ", ".join(self.router.routes),
             host,
             self.port,
             self.config.admin or "off",
+            f"{self.config.http.rpartition(':')[0]}:{self.http_port}" if self._http else "off",
         )
 
     def _set_health(self, model: str, ready: bool) -> None:
@@ -81,8 +101,12 @@ class Server:
         grace = self.config.grace_period_s if grace is None else grace
         log.info("stopping: in-flight requests have %.1f s to finish", grace)
         await self.health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        stopping = [self._grpc.stop(grace)] if self._grpc is not None else []
+        if self._http is not None:  # closes its listener, lets handlers finish (grace)
+            stopping.append(self._http.cleanup())
+        await asyncio.gather(*stopping)
+        if self._publisher is not None:
+            self._publisher.cancel()
         await self.router.close()
         if self._admin is not None:
             await self._admin.cleanup()

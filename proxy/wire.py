@@ -36,3 +36,24 @@ ServerMetadataRequest = message("inference.ServerMetadataRequest")
 ServerMetadataResponse = message("inference.ServerMetadataResponse")
 ModelMetadataRequest = message("inference.ModelMetadataRequest")
 ModelMetadataResponse = message("inference.ModelMetadataResponse")
+
+BATCH = "coalesce.batch.v1.BatchInference"
+BatchRequest = message("coalesce.batch.v1.BatchRequest")
+BatchResponse = message("coalesce.batch.v1.BatchResponse")
+BatchMetadataRequest = message("coalesce.batch.v1.MetadataRequest")
+BatchMetadataResponse = message("coalesce.batch.v1.MetadataResponse")
+
+# TF Serving (protos/tensorflow*.proto); Classify, Regress and MultiInference are
+# answered UNIMPLEMENTED without messages of their own.
+TF_PREDICTION = "tensorflow.serving.PredictionService"
+TF_MODEL = "tensorflow.serving.ModelService"
+TensorProto = message("tensorflow.TensorProto")
+DataType = _pool.FindEnumTypeByName("tensorflow.DataType")
+PredictRequest = message("tensorflow.serving.PredictRequest")
+PredictResponse = message("tensorflow.serving.PredictResponse")
+GetModelMetadataRequest = message("tensorflow.serving.GetModelMetadataRequest")
+GetModelMetadataResponse = message("tensorflow.serving.GetModelMetadataResponse")
+SignatureDefMap = message("tensorflow.serving.SignatureDefMap")
+GetModelStatusRequest = message("tensorflow.serving.GetModelStatusRequest")
+GetModelStatusResponse = message("tensorflow.serving.GetModelStatusResponse")
+ModelVersionStatus = message("tensorflow.serving.ModelVersionStatus")

@@ -63,7 +63,22 @@ class Gated:
         self.seen.append(np.array(x))
         self.entered.set()
         await self.gate.wait()
+        if np.isnan(x).any():
+            raise ValueError("x contains NaN")
         return {"y": 2 * x + 1, "s": x.sum(axis=1, keepdims=True)}
+
+
+class GatedEcho(Gated):
+    """Like Gated, for inputs of any shape: answers `y` = `x` once the gate opens."""
+
+    inputs = ()
+    outputs = ()
+
+    async def __call__(self, inputs):
+        self.batches.append(len(inputs["x"]))
+        self.entered.set()
+        await self.gate.wait()
+        return {"y": inputs["x"]}
 
 
 class WrongRows:
@@ -90,6 +105,10 @@ def echo() -> Echo:
 
 def gated() -> Gated:
     return Gated()
+
+
+def gated_echo() -> GatedEcho:
+    return GatedEcho()
 
 
 def wrong_rows() -> WrongRows:

@@ -176,6 +176,22 @@ async def test_a_backend_error_fails_only_that_batch():
         await client.close()
 
 
+async def test_a_bad_request_is_isolated_and_its_batch_mates_succeed(gated_server):
+    server, model, client = gated_server
+    first = await hold_backend(model, client)
+    good = [asyncio.create_task(check(client, rows(i))) for i in range(7)]
+    poison = np.full((1, 4), np.nan, dtype=np.float32)
+    bad = asyncio.create_task(check(client, poison))
+    await wait_queued(server, 8)
+    model.gate.set()
+    await asyncio.gather(first, *good)
+    with pytest.raises(InferenceServerException) as error:
+        await bad
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "x contains NaN" in error.value.message()
+    assert model.batches[1] == 8  # they did share a batch, which was then split
+
+
 async def test_a_model_returning_the_wrong_rows_is_an_internal_error():
     async with running(config("wrong_rows")) as server:
         client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")

@@ -11,7 +11,15 @@ import yaml
 from coalesce import config
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "config").glob("**/*.yaml"))
+
+
+def is_kubernetes_manifest(path: Path) -> bool:
+    """A manifest of config/kubernetes/; tests/test_deploy.py checks the configs it embeds."""
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return bool(documents) and all(isinstance(d, dict) and "apiVersion" in d for d in documents)
+
+
+EXAMPLES = sorted(p for p in (ROOT / "config").glob("**/*.yaml") if not is_kubernetes_manifest(p))
 
 
 def problems(data) -> list[str]:

@@ -33,7 +33,7 @@ class Process:
     """`coalesce serve --config` as a real process, as a user would run it."""
 
     def __init__(self, data: dict, tmp: Path, args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
+        self.port = int(data["listen"].rpartition(":")[2]) if "listen" in data else free_port()
         self.admin_port = free_port()
         data = {"listen": f"127.0.0.1:{self.port}", "admin": f"127.0.0.1:{self.admin_port}", **data}
         self.config = tmp / f"coalesce-{self.port}.yaml"

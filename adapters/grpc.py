@@ -1,0 +1,220 @@
+"""`type: grpc` — a team's own gRPC model service, one call per batch.
+
+By default the service speaks Coalesce's batch protocol (protos/coalesce_batch.proto,
+`coalesce.batch.v1.BatchInference`): named tensors in, named tensors out, plus a
+Metadata call for readiness, tensors and batch limit. A service with its own protos
+is reached through a user's codec (`codec: mypkg.codec:MyCodec`), which turns a batch
+into its request message and its response back into tensors; such a service is
+ready when it answers the standard grpc.health.v1 check (or does not implement it,
+which still proves it is up).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from .. import wire
+from ..adapter import import_string
+from ..config import GrpcBackend
+from ..errors import (
+    BackendError,
+    CoalesceError,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+)
+from ..request import ModelInfo, Tensors, TensorSpec
+from ..tensors import check_shape, from_raw, to_raw
+
+log = logging.getLogger("coalesce")
+_PROBE_TIMEOUT_S = 2.0
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    # A restarted service should be used again within a probe interval, not after
+    # gRPC's default reconnect backoff (which grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a batch into one service's request message and its response into tensors.
+
+    Constructed as `Codec(**args)` from the backend block. Optional attributes
+    `inputs` / `outputs` (TensorSpecs, batch dimension -1) declare the model's tensors
+    for input checks and metadata calls; `max_batch_size` caps the rows per call.
+    """
+
+    method: str
+    """The full method path, "/package.Service/Method"."""
+    request_serializer: Callable[[Any], bytes]
+    response_deserializer: Callable[[bytes], Any]
+
+    def encode(self, inputs: Tensors) -> Any:
+        """The request message for one batch (every array's first dimension is the row)."""
+
+    def decode(self, response: Any) -> Tensors:
+        """The outputs in a response, one row per input row, in the same order."""
+
+
+def _decode_tensor(tensor: Any) -> Any:
+    shape = check_shape(tuple(tensor.shape), tensor.name)
+    return from_raw(tensor.raw, tensor.datatype, shape, tensor.name)
+
+
+class BatchCodec:
+    """The built-in codec: coalesce.batch.v1.BatchInference/Infer."""
+
+    method = f"/{wire.BATCH}/Infer"
+
+    def __init__(self, model: str = "") -> None:
+        self.model = model
+        self.request_serializer = wire.BatchRequest.SerializeToString
+        self.response_deserializer = wire.BatchResponse.FromString
+
+    def encode(self, inputs: Tensors) -> Any:
+        request = wire.BatchRequest(model=self.model)
+        for name, array in inputs.items():
+            datatype, raw = to_raw(array, name)
+            request.inputs.add(name=name, datatype=datatype, shape=array.shape, raw=raw)
+        return request
+
+    def decode(self, response: Any) -> Tensors:
+        return {tensor.name: _decode_tensor(tensor) for tensor in response.outputs}
+
+
+def _specs(items: Any) -> tuple[TensorSpec, ...]:
+    return tuple(
+        s if isinstance(s, TensorSpec) else TensorSpec(s.name, s.datatype, tuple(s.shape))
+        for s in items or ()
+    )
+
+
+def _translate(exc: grpc.aio.AioRpcError, backend: str) -> CoalesceError:
+    message = f"backend '{backend}': {exc.details()}"
+    kinds = {
+        grpc.StatusCode.UNAVAILABLE: Unavailable,
+        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    }
+    kind = kinds.get(exc.code())
+    return kind(message) if kind else BackendError(message, exc.code())
+
+
+class GrpcAdapter:
+    """Sends each batch as one unary call, encoded by the backend's codec."""
+
+    def __init__(self, name: str, config: GrpcBackend) -> None:
+        self.name = name
+        self.config = config
+        self._builtin = config.codec is None
+        self._codec: Codec = (
+            BatchCodec(config.model)
+            if self._builtin
+            else import_string(config.codec)(**config.args)
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.UnaryUnaryMultiCallable | None = None
+        self._info = ModelInfo(
+            _specs(getattr(self._codec, "inputs", ())),
+            _specs(getattr(self._codec, "outputs", ())),
+            platform="coalesce_grpc",
+        )
+        self._limit: int | None = getattr(self._codec, "max_batch_size", None)
+        self._ready = False
+
+    async def load(self) -> None:
+        if not isinstance(self._codec, Codec):
+            raise TypeError(
+                f"codec {self.config.codec!r} lacks method, request_serializer, "
+                "response_deserializer, encode or decode"
+            )
+        self._channel = grpc.aio.insecure_channel(self.config.target, options=_CHANNEL_ARGS)
+        self._call = self._channel.unary_unary(
+            self._codec.method,
+            request_serializer=self._codec.request_serializer,
+            response_deserializer=self._codec.response_deserializer,
+        )
+        await self.ready()
+
+    async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
+        if not self._ready and not await self.ready():
+            raise Unavailable(f"backend '{self.name}': {self.config.target} is not ready")
+        try:
+            request = self._codec.encode(inputs)
+        except CoalesceError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(f"backend '{self.name}': cannot encode the batch: {exc}") from exc
+        try:
+            response = await self._call(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.name) from exc
+        try:
+            return self._codec.decode(response)
+        except CoalesceError as exc:
+            raise Internal(f"backend '{self.name}' answered a malformed batch: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Internal(f"backend '{self.name}': cannot decode the answer: {exc}") from exc
+
+    async def ready(self) -> bool:
+        """The batch protocol's Metadata (refreshing tensors and limit), else grpc.health.v1;
+        while it says no, batches are answered UNAVAILABLE rather than sent."""
+        try:
+            self._ready = await (self._read_metadata() if self._builtin else self._health())
+        except grpc.aio.AioRpcError as exc:
+            log.debug("backend %s: not ready: %s", self.name, exc.details())
+            self._ready = False
+        return self._ready
+
+    async def _read_metadata(self) -> bool:
+        call = self._channel.unary_unary(
+            f"/{wire.BATCH}/Metadata",
+            request_serializer=wire.BatchMetadataRequest.SerializeToString,
+            response_deserializer=wire.BatchMetadataResponse.FromString,
+        )
+        meta = await call(
+            wire.BatchMetadataRequest(model=self.config.model), timeout=_PROBE_TIMEOUT_S
+        )
+        self._info = ModelInfo(
+            _specs(meta.inputs),
+            _specs(meta.outputs),
+            meta.platform or "coalesce_grpc",
+            tuple(meta.versions) or ("1",),
+        )
+        self._limit = meta.max_batch_size or None
+        return meta.ready
+
+    async def _health(self) -> bool:
+        check = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            answer = await check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return True  # it answered, so it is up; it just has no health service
+            raise
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def max_batch_size(self) -> int | None:
+        return self._limit
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
