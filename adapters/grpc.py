@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 from grpc_health.v1 import health_pb2
 
-from .. import wire
+from .. import channels, forwarding, tls, wire
 from ..adapter import import_string
 from ..config import GrpcBackend
 from ..errors import (
@@ -131,6 +131,7 @@ class GrpcAdapter:
         )
         self._limit: int | None = getattr(self._codec, "max_batch_size", None)
         self._ready = False
+        self.retry_counter: channels.RetryCounter | None = None
 
     async def load(self) -> None:
         if not isinstance(self._codec, Codec):
@@ -138,7 +139,13 @@ class GrpcAdapter:
                 f"codec {self.config.codec!r} lacks method, request_serializer, "
                 "response_deserializer, encode or decode"
             )
-        self._channel = grpc.aio.insecure_channel(self.config.target, options=_CHANNEL_ARGS)
+        target = channels.target(self.config)
+        self._channel = tls.open_channel(
+            target,
+            tls.client_certificates(self.config.tls),
+            channels.options(self.config, _CHANNEL_ARGS),
+        )
+        self.retry_counter = channels.RetryCounter(target)
         self._call = self._channel.unary_unary(
             self._codec.method,
             request_serializer=self._codec.request_serializer,
@@ -148,7 +155,7 @@ class GrpcAdapter:
 
     async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
         if not self._ready and not await self.ready():
-            raise Unavailable(f"backend '{self.name}': {self.config.target} is not ready")
+            raise Unavailable(f"backend '{self.name}': {self.config.address} is not ready")
         try:
             request = self._codec.encode(inputs)
         except CoalesceError:
@@ -156,7 +163,7 @@ class GrpcAdapter:
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"backend '{self.name}': cannot encode the batch: {exc}") from exc
         try:
-            response = await self._call(request, timeout=timeout)
+            response = await self._call(request, timeout=timeout, metadata=forwarding.outgoing())
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, self.name) from exc
         try:

@@ -2,8 +2,9 @@
 
 Why processes: a CPU-bound model that holds the GIL uses one core however many
 threads call it; N workers use N cores, and each may run another interpreter
-(`python:`), so the model's dependencies stay apart from the sidecar's. The worker
-side is adapters/python_worker.py, run as a script; tensors cross in shared memory.
+(`python:`), so the model's dependencies stay apart from the sidecar's. This module
+is the pool; python_process.py drives one worker from this side, python_worker.py is
+the worker itself (run as a script); tensors cross in shared memory.
 
 Each batch goes to an idle worker, handed over first come, first served. The
 batcher's `max_in_flight` defaults to `processes` (see config.PythonBackend), so a

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from .. import wire
+from .. import channels, forwarding, tls, wire
 from ..config import TFServingBackend
 from ..errors import (
     BackendError,
@@ -79,9 +79,16 @@ class TFServingAdapter:
         self._status: Any = None
         self._info = ModelInfo()
         self._loaded = False
+        self.retry_counter: channels.RetryCounter | None = None
 
     async def load(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.config.target, options=_CHANNEL_ARGS)
+        target = channels.target(self.config)
+        self._channel = tls.open_channel(
+            target,
+            tls.client_certificates(self.config.tls),
+            channels.options(self.config, _CHANNEL_ARGS),
+        )
+        self.retry_counter = channels.RetryCounter(target)
         self._predict = self._method(wire.TF_PREDICTION, "Predict", wire.PredictResponse)
         self._metadata = self._method(
             wire.TF_PREDICTION, "GetModelMetadata", wire.GetModelMetadataResponse
@@ -115,7 +122,7 @@ class TFServingAdapter:
                 "backend %s: cannot read model %r from %s: %s",
                 self.name,
                 self.config.model,
-                self.config.target,
+                self.config.address,
                 detail,
             )
             return False
@@ -140,14 +147,14 @@ class TFServingAdapter:
     async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
         if not self._loaded and not await self._read_model():
             raise Unavailable(
-                f"backend '{self.name}': TF Serving at {self.config.target} is not ready"
+                f"backend '{self.name}': TF Serving at {self.config.address} is not ready"
             )
         request = wire.PredictRequest()
         self._model_spec(request.model_spec)
         for name, array in inputs.items():
             fill_proto(request.inputs[name], array, name, content=True)
         try:
-            response = await self._predict(request, timeout=timeout)
+            response = await self._predict(request, timeout=timeout, metadata=forwarding.outgoing())
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, self.name) from exc
         try:

@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.grpc import aio, service_pb2
 from tritonclient.utils import InferenceServerException
 
+from .. import channels, forwarding, tls
 from ..config import TritonBackend
 from ..errors import BackendError, CoalesceError, DeadlineExceeded, InvalidArgument, Unavailable
 from ..request import ModelInfo, Tensors, TensorSpec
@@ -57,9 +58,18 @@ class TritonAdapter:
         self._info = ModelInfo()
         self._limit: int | None = None
         self._loaded = False
+        self.retry_counter: channels.RetryCounter | None = None
 
     async def load(self) -> None:
-        self._client = aio.InferenceServerClient(self.config.target, channel_args=_CHANNEL_ARGS)
+        target = channels.target(self.config)
+        certificates = tls.client_certificates(self.config.tls)
+        self._client = aio.InferenceServerClient(
+            target,
+            channel_args=channels.options(self.config, _CHANNEL_ARGS)
+            + (certificates.options() if certificates else []),
+            creds=certificates.credentials() if certificates else None,
+        )
+        self.retry_counter = channels.RetryCounter(target)
         await self._read_model()
 
     async def _read_model(self) -> bool:
@@ -76,7 +86,7 @@ class TritonAdapter:
                 "backend %s: cannot read model %r from %s: %s",
                 self.name,
                 model,
-                self.config.target,
+                self.config.address,
                 exc.message(),
             )
             return False
@@ -90,7 +100,9 @@ class TritonAdapter:
 
     async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
         if not self._loaded and not await self._read_model():
-            raise Unavailable(f"backend '{self.name}': Triton at {self.config.target} is not ready")
+            raise Unavailable(
+                f"backend '{self.name}': Triton at {self.config.address} is not ready"
+            )
         if self._limit:
             return await self._call(inputs, timeout)
         rows = len(next(iter(inputs.values())))
@@ -123,7 +135,9 @@ class TritonAdapter:
             tensor.shape.extend(array.shape)
             request.raw_input_contents.append(raw)
         try:
-            response = await self._client._client_stub.ModelInfer(request, timeout=timeout)
+            response = await self._client._client_stub.ModelInfer(
+                request, timeout=timeout, metadata=forwarding.outgoing()
+            )
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc.code(), exc.details() or "", self.name) from exc
         return {

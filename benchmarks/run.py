@@ -30,6 +30,7 @@ from tests.support.coalesce import ROOT, Process, cpu_seconds, free_port
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 RESULTS = ROOT / "benchmarks" / "results"
+CONNECTIONS = 4  # --connections
 
 
 def infer_request(model: str, x: np.ndarray) -> bytes:
@@ -73,7 +74,7 @@ def measure(
                 duration=duration,
                 warmup=warmup,
                 rate=rate,
-                connections=min(4, concurrency),
+                connections=min(CONNECTIONS, concurrency),
             )
         )
     )
@@ -201,7 +202,8 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
             ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
             ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
         ]
-        return compare("gain", targets, [1, 8, 64, 256], args)
+        with _workers(triton, args, tmp) as extra:
+            return compare("gain", targets + extra(requests, expected), [1, 8, 64, 256], args)
 
 
 def scenario_versus(args, tmp: Path) -> list[dict]:
@@ -213,7 +215,21 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
             ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
             ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed),
         ]
-        return compare("versus", targets, [1, 64, 256], args)
+        with _workers(triton, args, tmp) as extra:
+            return compare("versus", targets + extra(*routed), [1, 64, 256], args)
+
+
+@contextlib.contextmanager
+def _workers(triton, args, tmp: Path) -> Iterator[Callable]:
+    """With --workers N > 1: one more target, Coalesce with N serving processes."""
+    if args.workers <= 1:
+        yield lambda requests, expected: []
+        return
+    config = {"listen": f"127.0.0.1:{free_port()}", "workers": args.workers,
+              **triton_route(triton, "bench_mlp")}
+    with coalesce(config, tmp) as proxy:
+        label = f"coalesce x{args.workers} workers -> triton"
+        yield lambda requests, expected: [(label, proxy.url, proxy.proc.pid, requests, expected)]
 
 
 def scenario_overhead(args, tmp: Path) -> list[dict]:
@@ -253,6 +269,24 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
     finally:
         empty.terminate()
         empty.wait()
+
+
+def scenario_metrics(args, tmp: Path) -> list[dict]:
+    """5. What per-request metrics cost: the same instant model with `metrics` on and off."""
+    xs = bench_model.inputs(256)
+    requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
+    expected = [xs[i : i + 1].tobytes() for i in range(256)]
+
+    def config(on: bool) -> dict:
+        return {"metrics": on,
+                "backends": {"echo": {"type": "local", "model": "benchmarks.models:identity",
+                                      "inline": True}},
+                "routes": [{"model": "bench_mlp", "backend": "echo"}]}
+
+    with coalesce(config(False), tmp) as off, coalesce(config(True), tmp) as on:
+        targets = [("coalesce, metrics off", off.url, off.proc.pid, requests, expected),
+                   ("coalesce, metrics on", on.url, on.proc.pid, requests, expected)]
+        return compare("metrics", targets, [64], args)
 
 
 def scenario_streaming(args, tmp: Path) -> list[dict]:
@@ -309,6 +343,7 @@ SCENARIOS: dict[str, Callable] = {
     "versus": scenario_versus,
     "overhead": scenario_overhead,
     "streaming": scenario_streaming,
+    "metrics": scenario_metrics,
 }
 
 
@@ -321,7 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrencies", help="e.g. 1,64: instead of each scenario's own")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="N > 1: also measure Coalesce with N serving processes")
+    parser.add_argument("--connections", type=int, default=4,
+                        help="client connections (the kernel spreads them over workers)")
     args = parser.parse_args(argv)
+    global CONNECTIONS
+    CONNECTIONS = args.connections
     rows: list[dict] = []
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:

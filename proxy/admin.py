@@ -7,15 +7,20 @@ backend) and shows /api/config (the effective config).
 
 from __future__ import annotations
 
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import metrics, stats
+from . import access, metrics, stats
 from .metrics import SnapshotFolder
-from .router import Router
+from .rest import errors_as_json
+from .router import ReloadError, Router
 
 DASHBOARD = resources.files(__package__).joinpath("dashboard.html")
 
@@ -28,7 +33,11 @@ class _Collector:
         return metrics.families(self.merged)
 
 
-def make_app(router: Router, folder: SnapshotFolder | None = None) -> web.Application:
+def make_app(
+    router: Router,
+    folder: SnapshotFolder | None = None,
+    reload: Callable[[], Awaitable[list[str]]] | None = None,
+) -> web.Application:
     recorder = stats.Recorder(router, folder)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -54,6 +63,26 @@ def make_app(router: Router, folder: SnapshotFolder | None = None) -> web.Applic
     async def config(request: web.Request) -> web.Response:
         return web.json_response(router.config.model_dump(mode="json"))
 
+    async def reload_config(request: web.Request) -> web.Response:
+        """POST /reload: re-read the config (all workers, when there are several)."""
+        access.require_admin(request)
+        if reload is None:
+            return web.json_response({"error": "reload is not available"}, status=501)
+        if folder is not None:  # workers: validate here, then the supervisor tells every worker
+            try:
+                await reload()
+            except ReloadError as exc:
+                return web.json_response({"error": "; ".join(exc.problems),
+                                          "problems": exc.problems}, status=400)
+            os.kill(os.getppid(), signal.SIGHUP)
+            return web.json_response({"reloaded": True, "workers": "all, via the supervisor"})
+        try:
+            changes = await reload()
+        except ReloadError as exc:
+            return web.json_response({"error": "; ".join(exc.problems),
+                                      "problems": exc.problems}, status=400)
+        return web.json_response({"reloaded": True, "changes": changes})
+
     async def dashboard(request: web.Request) -> web.Response:
         return web.Response(text=DASHBOARD.read_text(), content_type="text/html")
 
@@ -63,7 +92,9 @@ def make_app(router: Router, folder: SnapshotFolder | None = None) -> web.Applic
     async def on_cleanup(app: web.Application) -> None:
         await recorder.stop()
 
-    app = web.Application()
+    # a mutating handler calls access.require_admin(request) first: 401/403 as JSON
+    app = web.Application(middlewares=[errors_as_json])
+    app[access.ADMIN_TOKEN] = lambda: router.config.admin_token
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -72,6 +103,7 @@ def make_app(router: Router, folder: SnapshotFolder | None = None) -> web.Applic
             web.get("/api/stats", series),
             web.get("/api/config", config),
             web.get("/", dashboard),
+            web.post("/reload", reload_config),
         ]
     )
     app.on_startup.append(on_startup)
@@ -80,10 +112,14 @@ def make_app(router: Router, folder: SnapshotFolder | None = None) -> web.Applic
 
 
 async def start(
-    router: Router, address: str, folder: SnapshotFolder | None = None
+    router: Router,
+    address: str,
+    folder: SnapshotFolder | None = None,
+    reload: Callable[[], Awaitable[list[str]]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     host, _, port = address.rpartition(":")
-    runner = web.AppRunner(make_app(router, folder), access_log=None)
+    runner = web.AppRunner(make_app(router, folder, reload), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, int(port)).start()
+    await web.TCPSite(runner, host, int(port), ssl_context=ssl_context).start()
     return runner

@@ -13,13 +13,18 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
-from . import batching
+from . import batching, forwarding
 from .config import Batching
 from .errors import CoalesceError, DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from .logs import RateLimited
 from .metrics import BackendStats
+
+if TYPE_CHECKING:
+    from .tracing import BatchSpans, Tracer
 from .request import InferRequest, Tensors
 
 log = logging.getLogger("coalesce")
@@ -75,10 +80,13 @@ class Batcher:
         self._timeout_s = timeout_s
         self._backend_limit = backend_limit
         self.stats = stats or BackendStats()
+        self.tracer: Tracer | None = None  # set by the router when tracing is on
+        self._log = RateLimited(log)
         self._queues: dict[tuple, deque[_Pending]] = {}
         self._queued = 0
         self._in_flight = 0
         self._wakeup = asyncio.Event()
+        self._settled = asyncio.Event()  # set whenever a call finishes (for drain)
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task | None = None
@@ -138,7 +146,8 @@ class Batcher:
             return await self.submit(request, key)
         self._in_flight += 1
         try:
-            slices = [(_Pending(request, None, 0.0), 0, request.rows)]  # type: ignore[arg-type]
+            pending = _Pending(request, None, self._loop.time())  # type: ignore[arg-type]
+            slices = [(pending, 0, request.rows)]
             outputs = await self._call_backend(slices)
             return batching.split(outputs, [request.rows], self.name)[0]
         except CoalesceError as exc:
@@ -148,6 +157,29 @@ class Batcher:
         finally:
             self._in_flight -= 1
             self._wakeup.set()
+            self._settled.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests; wait up to `timeout` s for the queued and in-flight ones."""
+        self._closed = True
+        until = self._loop.time() + timeout
+        while self._queued or self._in_flight:
+            left = until - self._loop.time()
+            if left <= 0:
+                return
+            self._settled.clear()
+            try:
+                await asyncio.wait_for(self._settled.wait(), left)
+            except TimeoutError:
+                return
+
+    def shed(self, error: CoalesceError) -> None:
+        """Answer every queued request with `error` now (the scheduler drops them when it
+        next takes from the queue); for a backend known to be down."""
+        for queue in self._queues.values():
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
 
     async def close(self) -> None:
         """Stop at once: anything still queued or in flight is answered UNAVAILABLE."""
@@ -250,6 +282,7 @@ class Batcher:
         finally:
             self._in_flight -= 1
             self._wakeup.set()
+            self._settled.set()
 
     async def _attempt(self, slices: list[_Slice]) -> None:
         """Run a batch; if it fails in a way one bad request can cause, split and retry.
@@ -275,29 +308,53 @@ class Batcher:
     async def _call_backend(self, slices: list[_Slice]) -> Tensors:
         inputs = batching.merge([(p.request.inputs, a, b) for p, a, b in slices])
         timeout = self._timeout(slices)
-        call = self._call(inputs, timeout)
+        # the batch shares its forwarded metadata (the batching key); trace context: the first's
+        metadata = slices[0][0].request.metadata
         stats, start = self.stats, self._loop.time()
-        stats.batch_size.observe(sum(b - a for _, a, b in slices))
+        rows = sum(b - a for _, a, b in slices)
+        traced = self._trace(slices, start) if self.tracer is not None else None
+        if traced is not None:  # the batch's own trace context replaces the caller's
+            kept = tuple(p for p in metadata if p[0] not in forwarding.TRACE_CONTEXT)
+            metadata = kept + traced.headers
+        sent = forwarding.sending(metadata)
+        call = self._call(inputs, timeout)
+        stats.batch_size.observe(rows)
+        error: BaseException | None = None
         try:
             if timeout is None:
                 return await call
             return await asyncio.wait_for(call, max(timeout, 0))
         except TimeoutError:
-            raise DeadlineExceeded(
+            error = DeadlineExceeded(
                 f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"
-            ) from None
+            )
+            raise error from None
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             stats.call.observe(self._loop.time() - start)
+            forwarding.done(sent)
+            if traced is not None:
+                traced.end(rows, error)
+
+    def _trace(self, slices: list[_Slice], now: float) -> BatchSpans | None:
+        """Queue and backend-call spans for the traced requests of this batch."""
+        traced = [(p.request.span, now - p.arrived) for p, _, _ in slices if p.request.span]
+        if not traced:
+            return None
+        return self.tracer.batch([s for s, _ in traced], [w for _, w in traced])
 
     def _failed(self, rows: int, exc: Exception) -> CoalesceError:
         """Log a failed backend call once; the error its callers get."""
         self.stats.error(exc.code.name if isinstance(exc, CoalesceError) else "INTERNAL")
         if isinstance(exc, CoalesceError):
-            log.warning(
-                "backend %s: %d rows failed: %s: %s", self.name, rows, exc.code.name, exc.message
-            )
+            self._log.log(exc.code, logging.WARNING, "backend %s: %d rows failed: %s: %s",
+                          self.name, rows, exc.code.name, exc.message,
+                          extra={"backend": self.name, "status": exc.code.name})
             return exc
-        log.error("backend %s failed", self.name, exc_info=exc)
+        self._log.log(type(exc), logging.ERROR, "backend %s failed", self.name, exc_info=exc,
+                      extra={"backend": self.name, "status": "INTERNAL"})
         return Internal(f"backend '{self.name}' failed: {type(exc).__name__}: {exc}")
 
     @staticmethod

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from . import config as config_module
 from . import logs
@@ -29,25 +30,31 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 1
-    overrides = {
-        "listen": args.listen,
-        "admin": args.admin,
-        "http": args.http,
-        "workers": args.workers,
-    }
+def _reader(args: argparse.Namespace) -> Callable[[], config_module.Config]:
+    """Reads the config file with the command line's overrides (again on every reload)."""
+    overrides = {"listen": args.listen, "admin": args.admin, "http": args.http,
+                 "workers": args.workers}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if args.worker_index:  # only worker 0 serves the admin port
         overrides["admin"] = None
-    if overrides:
-        try:
-            config = config_module.parse({**config.model_dump(), **overrides})
-        except ConfigError as exc:
-            print("\n".join(f"--{p}" for p in exc.problems), file=sys.stderr)
-            return 1
+
+    def read() -> config_module.Config:
+        config = config_module.load(args.config)
+        if not overrides:
+            return config
+        return config_module.parse({**config.model_dump(), **overrides})
+
+    return read
+
+
+def serve(args: argparse.Namespace) -> int:
+    read = _reader(args)
+    try:
+        config = read()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config or '(default config)'}: {problem}", file=sys.stderr)
+        return 1
     if config.workers > 1 and args.worker_index is None:
         from .workers import supervise
 
@@ -66,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
     else:
         runner = uvloop.run
     try:
-        runner(Server(config).run())
+        runner(Server(config, source=read).run())
     except (StartupError, OSError) as exc:
         logging.getLogger("coalesce").error("cannot start: %s", exc)
         return 1

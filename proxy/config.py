@@ -7,16 +7,24 @@ and the routes that map the model names clients ask for onto backends.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import ipaddress
 import os
+import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
+    SecretStr,
     Tag,
     ValidationError,
     field_validator,
@@ -50,6 +58,162 @@ def _check_import_path(value: str) -> str:
     return value
 
 
+def _check_file(value: str) -> str:
+    if not Path(value).is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
+
+
+def _check_optional_file(value: str | None) -> str | None:
+    return None if value is None else _check_file(value)
+
+
+def _read_file(path: str, key: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{key}: cannot read {path}: {exc}") from None
+
+
+class ServerTLS(_Strict):
+    """TLS on a listener. The files are read again whenever they change on disk (see
+    coalesce.tls), so a rotated certificate serves from the next handshake on."""
+
+    cert: str = Field(description="PEM certificate chain the listener presents.")
+    key: str = Field(description="PEM private key of `cert`.")
+    client_ca: str | None = Field(
+        None,
+        description="PEM CA bundle that client certificates are verified against (mutual "
+        "TLS); default none: clients are not asked for a certificate.",
+    )
+    require_client_cert: bool = Field(
+        False,
+        description="Refuse the handshake of a client without a valid certificate. Without "
+        "it, HTTP listeners ask for (and verify) an optional one; gRPC asks only when true.",
+    )
+
+    _check_files = field_validator("cert", "key")(classmethod(lambda cls, v: _check_file(v)))
+    _check_ca = field_validator("client_ca")(classmethod(lambda cls, v: _check_optional_file(v)))
+
+    @model_validator(mode="after")
+    def _loads(self) -> ServerTLS:
+        """A key that does not match its certificate is a config error, not a failed start."""
+        if self.require_client_cert and self.client_ca is None:
+            raise ValueError("require_client_cert needs client_ca")
+        try:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                context.load_verify_locations(self.client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load the certificate, key or CA: {exc}") from None
+        return self
+
+
+class BackendTLS(_Strict):
+    """TLS towards a backend; an empty block (`tls: {}`) verifies it against the default
+    roots. A gRPC channel cannot change credentials, so rotated files are used from the
+    next reload: the files' digest is part of the block, so the backend counts as changed
+    and is rebuilt (its old channel finishing what it holds)."""
+
+    ca: str | None = Field(
+        None,
+        description="PEM CA bundle the backend's certificate is verified against; "
+        "default gRPC's bundled roots.",
+    )
+    cert: str | None = Field(None, description="PEM client certificate chain (mutual TLS).")
+    key: str | None = Field(None, description="PEM private key of `cert`.")
+    server_name: str | None = Field(
+        None,
+        min_length=1,
+        description="The name the backend's certificate must carry, when it is not the "
+        "target's host (grpc.ssl_target_name_override).",
+    )
+
+    _check_files = field_validator("ca", "cert", "key")(
+        classmethod(lambda cls, v: _check_optional_file(v))
+    )
+
+    _digest: str = PrivateAttr("")
+
+    @model_validator(mode="after")
+    def _pair(self) -> BackendTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+    def model_post_init(self, context: Any) -> None:
+        """The files' contents, as a digest: compared when a reload asks what changed."""
+        digest = hashlib.sha256()
+        for path in (self.ca, self.cert, self.key):
+            digest.update(_read_file(path, "tls").encode() if path else b"-")
+        self._digest = digest.hexdigest()
+
+
+_HEADER = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_forward(names: tuple[str, ...]) -> tuple[str, ...]:
+    lowered = tuple(dict.fromkeys(name.lower() for name in names))
+    for name in lowered:
+        if not _HEADER.fullmatch(name) or name.startswith("grpc-") or name.endswith("-bin"):
+            raise ValueError(f"{name!r} is not a forwardable text header name")
+    return lowered
+
+
+class RouteAuth(_Strict):
+    """Who may call a route. Every check that is set must pass: a bearer token among
+    the listed ones and/or a client certificate naming an allowed identity."""
+
+    bearer_tokens_file: str | None = Field(
+        None,
+        description="File of accepted bearer tokens, one per line ('#' comments); read at "
+        "load and on reload, only their SHA-256 kept.",
+    )
+    bearer_token_sha256: frozenset[str] = Field(
+        frozenset(), description="Accepted tokens as hex SHA-256 digests (no secret in config)."
+    )
+    allowed_client_cns: frozenset[str] = Field(
+        frozenset(),
+        description="Client identities allowed: a verified client certificate's subject CN "
+        "or a DNS/URI subject alternative name. Needs tls.client_ca.",
+    )
+    _tokens: frozenset[str] = PrivateAttr(frozenset())
+
+    _check_tokens_file = field_validator("bearer_tokens_file")(
+        classmethod(lambda cls, v: _check_optional_file(v))
+    )
+
+    @field_validator("bearer_token_sha256")
+    @classmethod
+    def _check_digests(cls, digests: frozenset[str]) -> frozenset[str]:
+        lowered = frozenset(d.lower() for d in digests)
+        for digest in lowered:
+            if not _SHA256.fullmatch(digest):
+                raise ValueError(f"{digest!r} is not a hex SHA-256 digest")
+        return lowered
+
+    def model_post_init(self, context: Any) -> None:
+        """The accepted digests, file and list together: one set lookup per request."""
+        tokens = set(self.bearer_token_sha256)
+        if self.bearer_tokens_file is not None:
+            lines = _read_file(self.bearer_tokens_file, "bearer_tokens_file").splitlines()
+            found = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            if not found:
+                raise ValueError(f"bearer_tokens_file: {self.bearer_tokens_file} holds no token")
+            tokens.update(hashlib.sha256(token.encode()).hexdigest() for token in found)
+        if not tokens and not self.allowed_client_cns:
+            raise ValueError("set bearer_tokens_file, bearer_token_sha256 or allowed_client_cns")
+        self._tokens = frozenset(tokens)
+
+    @functools.cached_property
+    def token_digests(self) -> frozenset[str]:
+        """SHA-256 hex digests of every accepted bearer token (cached: reading a private
+        attribute of a pydantic model takes microseconds, this is the hot path)."""
+        return self._tokens
+
+
 class Batching(_Strict):
     """How one backend's batcher forms batches."""
 
@@ -66,11 +230,187 @@ class Batching(_Strict):
     )
 
 
+class CircuitBreaker(_Strict):
+    """Fail fast while a backend is known to be down, instead of queueing callers until
+    their deadlines. Readiness probes run every 2 s; one failed probe may be a hiccup, so
+    only `failed_probes` failures in a row open the breaker (requests, queued ones too,
+    get UNAVAILABLE at once); the first probe that succeeds closes it."""
+
+    failed_probes: int = Field(2, ge=1, description="Failed probes in a row that open it.")
+
+
 class _Backend(_Strict):
     batching: Batching = Field(default_factory=Batching, description="Batching policy.")
     timeout_ms: float | None = Field(
         None, gt=0, description="Longest backend call; the callers' deadlines also bound it."
     )
+    circuit_breaker: CircuitBreaker | None = Field(
+        default_factory=CircuitBreaker,
+        description="Fail fast while the backend is down; null: requests queue regardless.",
+    )
+    forward_metadata: tuple[str, ...] = Field(
+        (),
+        description="Request metadata (gRPC) / header (HTTP) names passed on to the backend, "
+        "lower-case, e.g. [authorization, traceparent]; nothing else is. Requests whose "
+        "values differ never share a batch, except traceparent/tracestate: a batch carries "
+        "its first request's.",
+    )
+
+    _check_forward = field_validator("forward_metadata")(
+        classmethod(lambda cls, v: _check_forward(v))
+    )
+
+    @model_validator(mode="after")
+    def _forwardable(self) -> _Backend:
+        """An in-process model gets no metadata: forwarding would only split its batches."""
+        if self.forward_metadata and getattr(self, "type", None) in ("local", "python"):
+            raise ValueError("forward_metadata: a local or python model receives no metadata")
+        return self
+
+
+def _check_replica(value: str) -> str:
+    """One replica's address: an IP literal and a port (gRPC's ipv4:/ipv6: lists take no names)."""
+    host = _check_address(value).rpartition(":")[0]
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ValueError(
+            f"must be ip:port or [ipv6]:port, got {value!r} (for a name, use target: "
+            "dns:///name:port, which spreads over every address it resolves to)"
+        ) from None
+    if ":" in host and not host.startswith("["):
+        raise ValueError(f"an IPv6 address goes in brackets, [addr]:port, got {value!r}")
+    return value
+
+
+class OutlierDetection(_Strict):
+    """Passive outlier detection by gRPC itself (its outlier_detection LB policy): a replica
+    that fails much of its traffic is ejected for a while, then gets calls again; failing
+    again, it is ejected for longer. Every non-OK status counts as a failure, so the
+    limits below keep bad requests from ejecting healthy replicas wholesale."""
+
+    interval_ms: float = Field(1000, gt=0, description="How often replicas are judged.")
+    failure_percent: int = Field(
+        50,
+        ge=1,
+        le=100,
+        description="A replica failing at least this share of its calls in one interval is "
+        "ejected (only while at least two replicas each had min_calls calls).",
+    )
+    min_calls: int = Field(
+        10, ge=1, description="A replica with fewer calls in an interval is not judged."
+    )
+    base_ejection_ms: float = Field(
+        5000,
+        gt=0,
+        description="How long the first ejection lasts; each ejection in a row adds as much "
+        "again (gRPC's rule), up to max_ejection_ms. Then the replica is tried again.",
+    )
+    max_ejection_ms: float = Field(30000, gt=0, description="The longest ejection.")
+    max_ejected_percent: int = Field(
+        50, ge=0, le=100, description="Never more than this share of replicas ejected at once."
+    )
+
+
+class Retries(_Strict):
+    """gRPC's own retries (its retryPolicy) of a backend call that failed UNAVAILABLE.
+
+    UNAVAILABLE means the replica could not be reached, refused the call before running
+    it (e.g. its model is unloading), or went away before answering. gRPC retries only
+    until the response starts, and models are pure functions of their inputs, so re-running
+    such a batch, normally on another replica, is safe; set max_attempts: 1 for a service
+    with side effects. Retries stay within the callers' deadline.
+    """
+
+    max_attempts: int = Field(
+        2, ge=1, le=5, description="Attempts per call, the first included; 1 turns retries off."
+    )
+    initial_backoff_ms: float = Field(
+        20,
+        gt=0,
+        description="Backoff before the first retry; each retry waits a random time up to "
+        "min(initial_backoff_ms * backoff_multiplier^n, max_backoff_ms) (full jitter).",
+    )
+    max_backoff_ms: float = Field(500, gt=0, description="The longest backoff.")
+    backoff_multiplier: float = Field(2.0, ge=1, description="Backoff growth per retry.")
+    budget_ratio: float = Field(
+        0.1,
+        ge=0.001,
+        le=1,
+        description="Retry budget (gRPC retryThrottling): each success earns this many tokens "
+        "and each failure costs one; retries stop while fewer than half of budget_tokens are "
+        "left, so retries stay near this fraction of the calls that succeed.",
+    )
+    budget_tokens: int = Field(
+        10, ge=2, le=1000, description="The budget's size: how many failures a burst may absorb."
+    )
+    buffer_mb: float = Field(
+        16,
+        gt=0,
+        description="gRPC keeps a batch's bytes to resend them; a larger batch is not retried.",
+    )
+
+
+class RemoteBackend(_Backend):
+    """A backend reached over gRPC: one address, several replicas, or a DNS name.
+
+    One gRPC channel per backend. gRPC's own resolver, load balancer, outlier ejection
+    and retry policy (see coalesce.channels) spread and retry the calls, in C and off
+    the event loop; Coalesce does not balance by itself.
+    """
+
+    target: str | None = Field(
+        description="host:port, or dns:///name:port for every address the name resolves to "
+        "(a Kubernetes headless Service lists each ready replica). Or give `targets`."
+    )
+    targets: list[Annotated[str, AfterValidator(_check_replica)]] | None = Field(
+        None,
+        min_length=1,
+        description="Several replicas, each ip:port or [ipv6]:port (one address family).",
+    )
+    load_balancing: Literal["round_robin", "pick_first"] = Field(
+        "round_robin",
+        description="round_robin: spread calls over every reachable replica; pick_first: "
+        "use the first reachable one, the others only when it fails (failover).",
+    )
+    outlier_detection: OutlierDetection | None = Field(
+        default_factory=OutlierDetection,
+        description="Eject replicas that keep failing; null turns it off.",
+    )
+    retries: Retries = Field(default_factory=Retries, description="Retries of UNAVAILABLE calls.")
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        if len({value.startswith("[") for value in values}) > 1:
+            raise ValueError("mixes IPv4 and IPv6 addresses; list one family")
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _targets_stand_in_for_target(cls, data: Any) -> Any:
+        """`target` is required unless `targets` is given (so a missing one says so)."""
+        if isinstance(data, dict) and data.get("targets") is not None and "target" not in data:
+            return {**data, "target": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_address(self) -> RemoteBackend:
+        if (self.target is None) == (self.targets is None):
+            raise ValueError("give either target or targets")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where the backend is, for messages."""
+        return self.target or ",".join(self.targets or ())
 
 
 class LocalBackend(_Backend):
@@ -95,22 +435,19 @@ class LocalBackend(_Backend):
     _check_model = field_validator("model")(classmethod(lambda cls, v: _check_import_path(v)))
 
 
-class TritonBackend(_Backend):
+class TritonBackend(RemoteBackend):
     """A model on a Triton Inference Server, over gRPC."""
 
     type: Literal["triton"]
-    target: str = Field(description="Triton's gRPC address, host:port.")
     model: str = Field(min_length=1, description="The model's name on Triton.")
     version: str = Field("", description="The model version; empty for Triton's choice.")
+    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
 
-    _check_target = field_validator("target")(classmethod(lambda cls, v: _check_address(v)))
 
-
-class GrpcBackend(_Backend):
+class GrpcBackend(RemoteBackend):
     """A team's own gRPC model service: Coalesce's batch protocol, or any protos via a codec."""
 
     type: Literal["grpc"]
-    target: str = Field(description="The service's gRPC address, host:port.")
     model: str = Field(
         "", description="Sent in every coalesce.batch.v1 call, for services hosting several."
     )
@@ -122,8 +459,7 @@ class GrpcBackend(_Backend):
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments to the codec class."
     )
-
-    _check_target = field_validator("target")(classmethod(lambda cls, v: _check_address(v)))
+    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
 
     @field_validator("codec")
     @classmethod
@@ -171,17 +507,16 @@ class PythonBackend(_Backend):
             return data
         batching = data.get("batching", {})
         processes = data.get("processes", os.cpu_count() or 1)
-        if isinstance(batching, dict) and "max_in_flight" not in batching:
-            if isinstance(processes, int) and processes >= 1:
-                return {**data, "batching": {**batching, "max_in_flight": processes}}
+        unset = isinstance(batching, dict) and "max_in_flight" not in batching
+        if unset and isinstance(processes, int) and processes >= 1:
+            return {**data, "batching": {**batching, "max_in_flight": processes}}
         return data
 
 
-class TFServingBackend(_Backend):
+class TFServingBackend(RemoteBackend):
     """A model on a TensorFlow Serving server, over its gRPC PredictionService."""
 
     type: Literal["tfserving"]
-    target: str = Field(description="TF Serving's gRPC address, host:port.")
     model: str = Field(min_length=1, description="The model's name on TF Serving.")
     signature: str = Field(
         "serving_default", min_length=1, description="The signature each batch calls."
@@ -189,8 +524,7 @@ class TFServingBackend(_Backend):
     version: int | None = Field(
         None, ge=1, description="The model version; default the latest TF Serving has."
     )
-
-    _check_target = field_validator("target")(classmethod(lambda cls, v: _check_address(v)))
+    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
 
 
 class CustomBackend(_Backend):
@@ -219,6 +553,19 @@ Backend = Annotated[
     | Annotated[CustomBackend, Tag("custom")],
     Discriminator(_backend_kind),
 ]
+
+
+class Tracing(_Strict):
+    """OpenTelemetry tracing (needs `pip install coalesce[tracing]`)."""
+
+    exporter: Literal["otlp", "console", "none"] = Field(
+        "otlp", description="Where spans go: an OTLP/gRPC collector, stdout, or nowhere."
+    )
+    endpoint: str = Field("127.0.0.1:4317", description="The OTLP collector's gRPC address.")
+    service_name: str = Field("coalesce", description="The `service.name` of the spans.")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces kept; a caller's decision is followed."
+    )
 
 
 class Route(_Strict):
@@ -251,6 +598,15 @@ class Route(_Strict):
         description="On a ModelStreamInfer stream, answer this model's requests in the order "
         "they were sent (default: each as soon as it is ready).",
     )
+    auth: RouteAuth | None = Field(
+        None, description="Who may call this route; default anyone who reaches the port."
+    )
+    max_request_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Largest request to this route (the gRPC message or the HTTP body); "
+        "beyond it RESOURCE_EXHAUSTED / 413. max_message_mb still bounds every route.",
+    )
 
 
 def _route_keys(route: Route) -> list[tuple[str, str]]:
@@ -274,10 +630,27 @@ class Config(_Strict):
         description="HTTP/JSON front ends (KServe v2 REST under /v2, TF Serving REST under "
         "/v1), e.g. 127.0.0.1:8501; null (the default) turns them off.",
     )
+    tls: ServerTLS | None = Field(
+        None, description="TLS (and mutual TLS) on the gRPC and HTTP front ends; default off."
+    )
+    admin_tls: ServerTLS | None = Field(None, description="TLS on the admin port; default off.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for mutating admin calls (POST /reload). Unset, those are "
+        "taken only from loopback peers; set, every caller must send it.",
+    )
     grace_period_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long queued and in-flight requests may finish."
     )
     max_message_mb: float = Field(64, gt=0, description="Largest gRPC message, either way.")
+    tracing: Tracing | None = Field(
+        None, description="OpenTelemetry spans per request; null (the default) is off."
+    )
+    metrics: bool = Field(
+        True,
+        description="Count every request (requests, rows, latency by route and status) for "
+        "/metrics and the dashboard; false only to measure what counting costs.",
+    )
     max_stream_outstanding: int = Field(
         256,
         ge=1,
@@ -308,6 +681,9 @@ class Config(_Strict):
         for i, route in enumerate(self.routes):
             if route.backend not in self.backends:
                 problems.append(f"routes.{i}.backend: unknown backend {route.backend!r}")
+            identities = route.auth is not None and route.auth.allowed_client_cns
+            if identities and not (self.tls and self.tls.client_ca):
+                problems.append(f"routes.{i}.auth.allowed_client_cns: needs tls.client_ca")
             for key in _route_keys(route):
                 if key in seen:
                     problems.append(f"routes.{i}.model: {key[1]} is routed twice")
@@ -340,6 +716,7 @@ def _describe(error: dict[str, Any]) -> str:
         "missing": "required",
         "greater_than_equal": f"must be >= {ctx.get('ge')}",
         "greater_than": f"must be > {ctx.get('gt')}",
+        "less_than_equal": f"must be <= {ctx.get('le')}",
     }.get(kind, error["msg"].removeprefix("Value error, "))
     return f"{'.'.join(loc) or '(top)'}: {message}"
 

@@ -4,6 +4,9 @@
     ├── InvalidArgument      the request is malformed or does not fit the model
     ├── NotFound             no route for the model (or version) asked for
     ├── ResourceExhausted    a queue or size limit is full; retry later
+    │   └── TooLarge         a request over a size limit (HTTP 413, not 429)
+    ├── Unauthenticated      missing or wrong credentials (token, client certificate)
+    ├── PermissionDenied     known caller, not allowed here (client identity, admin peer)
     ├── DeadlineExceeded     the caller's deadline passed before an answer
     ├── Unavailable          the backend cannot be reached or is not ready
     ├── Internal             a bug or a broken model (wrong output shape, ...)
@@ -29,6 +32,8 @@ class CoalesceError(Exception):
     """Base error; `code` is the gRPC status the caller receives."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    http: int | None = None
+    """An HTTP status where the code's usual one (HTTP_STATUS) would mislead."""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -50,6 +55,20 @@ class NotFound(CoalesceError):
 
 class ResourceExhausted(CoalesceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooLarge(ResourceExhausted):
+    """Over a size limit: retrying the same request cannot help, so HTTP says 413."""
+
+    http = 413
+
+
+class Unauthenticated(CoalesceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(CoalesceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class DeadlineExceeded(CoalesceError):
@@ -88,7 +107,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 def http_status(error: CoalesceError) -> int:
     """The HTTP status for an error (500 for anything without a closer match)."""
-    return HTTP_STATUS.get(error.code, 500)
+    return error.http or HTTP_STATUS.get(error.code, 500)
 
 
 R = TypeVar("R")
@@ -102,6 +121,8 @@ def grpc_status(
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
+            if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
+                raise request
             return await handler(self, request, context)
         except CoalesceError as exc:
             await context.abort(exc.code, exc.message)

@@ -30,6 +30,8 @@ def parse(body: bytes, what: str = "request body") -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests too deeply to be parsed") from None
 
 
 def dumps(document: Any) -> bytes:
@@ -58,7 +60,8 @@ def to_array(data: Any, datatype: str, tensor: str, *, b64: bool = False) -> np.
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise InvalidArgument(f"tensor '{tensor}': data out of range for {datatype}")
-    return values.astype(dtype)
+    with np.errstate(over="ignore"):  # beyond FP16's or FP32's range is inf, as in to_bf16
+        return values.astype(dtype)
 
 
 def infer_datatype(data: Any) -> str:

@@ -12,12 +12,13 @@ from typing import NamedTuple
 
 import grpc
 
-from . import __version__, wire
+from . import __version__, access, wire
 from .errors import grpc_status
 from .kserve_codec import decode, encode, requested_outputs
 from .kserve_stream import StreamSession
 from .request import InferRequest
 from .router import Backend, Router
+from .tracing import carrier_of
 
 
 class Call(NamedTuple):
@@ -44,12 +45,19 @@ class KServeService:
     def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
         """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
         backend = self.router.get(request.model_name, request.model_version)
+        route = access.route_of(self.router, request.model_name, request.model_version)
+        caller = access.GrpcCaller(context)
+        metadata = access.admit(self.router, route, caller, access.request_bytes())
         info = backend.info()
         names = requested_outputs(request, info) if request.outputs else []
         left = context.time_remaining()
         deadline = None if left is None else self._time() + left
         version = request.model_version or info.versions[0]
-        return Call(backend, decode(request, deadline), names, version)
+        decoded = decode(request, deadline)
+        decoded.metadata = metadata
+        if self.router.tracer is not None:
+            decoded.trace = carrier_of(context.invocation_metadata() or ())
+        return Call(backend, decoded, names, version)
 
     @grpc_status
     async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
@@ -80,6 +88,8 @@ class KServeService:
     @grpc_status
     async def ModelMetadata(self, request, context):
         info = self.router.get(request.name, request.version).info()
+        route = access.route_of(self.router, request.name, request.version)
+        access.admit(self.router, route, access.GrpcCaller(context), None)
         return wire.ModelMetadataResponse(
             name=request.name,
             versions=list(info.versions),
@@ -103,11 +113,12 @@ class KServeService:
             response = getattr(wire, f"{method}Response")
             methods[method] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method),
-                request_deserializer=request.FromString,
+                request_deserializer=access.sized(wire.parser(request)),
                 # ModelInfer answers are serialized by encode() already
                 response_serializer=None if method == "ModelInfer" else response.SerializeToString,
             )
         methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self.ModelStreamInfer, request_deserializer=wire.ModelInferRequest.FromString
+            self.ModelStreamInfer,
+            request_deserializer=access.sized(wire.parser(wire.ModelInferRequest)),
         )
         return grpc.method_handlers_generic_handler(wire.KSERVE, methods)

@@ -16,12 +16,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, access
 from .errors import InvalidArgument
 from .json_tensors import dumps, parse, request_of, to_array, to_json
 from .request import InferRequest, ModelInfo, Tensors, TensorSpec
 from .router import Router
 from .tensors import check_shape, datatype_of, from_raw, to_raw
+from .tracing import carrier_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -30,11 +31,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     """(JSON header, binary data after it)."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    # ASCII digits, and not too many of them: int() raises on "²" and on 5000 digits
+    digits = header_length.isascii() and header_length.isdigit() and len(header_length) < 20
+    end = int(header_length) if digits else -1
+    if not 0 <= end <= len(body):
         raise InvalidArgument(
-            f"{HEADER_LENGTH}: {header_length!r} is not a length within the {len(body)}-byte body"
+            f"{HEADER_LENGTH}: {header_length!r:.40} is not a length within the "
+            f"{len(body)}-byte body"
         )
-    end = int(header_length)
     return body[:end], memoryview(body)[end:]
 
 
@@ -181,7 +185,8 @@ def _deadline(parameters: dict) -> float | None:
     timeout = parameters.get("timeout")
     if timeout is None:
         return None
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0 <= timeout < 1e15:  # also NaN, inf and 10**400 (beyond a float)
         raise InvalidArgument("parameters.timeout: must be a non-negative number of microseconds")
     return asyncio.get_running_loop().time() + timeout / 1e6
 
@@ -209,6 +214,8 @@ class KServeREST:
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version", "")
         info = self.router.get(name, version).info()
+        route = access.route_of(self.router, name, version)
+        access.admit(self.router, route, access.HttpCaller(request), None)
         return web.json_response(
             {
                 "name": name,
@@ -227,9 +234,17 @@ class KServeREST:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version", "")
         backend = self.router.get(name, version)
-        header, blobs = split_body(await request.read(), request.headers.get(HEADER_LENGTH))
+        route = access.route_of(self.router, name, version)
+        caller = access.HttpCaller(request)
+        metadata = access.admit(self.router, route, caller, request.content_length)
+        body = await request.read()
+        access.check_size(route, len(body))  # a chunked body has no Content-Length
+        header, blobs = split_body(body, request.headers.get(HEADER_LENGTH))
         document = parse(header)
         decoded = decode(document, blobs)
+        decoded.metadata = metadata
+        if self.router.tracer is not None:
+            decoded.trace = carrier_of(request.headers.items())
         wanted = requested_outputs(document, backend.info(), name)
         outputs = await backend.infer(decoded)
         version = version or backend.info().versions[0]

@@ -11,13 +11,14 @@ back on the client and memory stays bounded however fast it sends.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
 
-from . import protowire
+from . import protowire, wire
 from .errors import CoalesceError, Internal
 from .kserve_codec import encode
 from .router import Router
@@ -25,6 +26,7 @@ from .router import Router
 if TYPE_CHECKING:
     from .kserve_grpc import Call, KServeService
 
+log = logging.getLogger("coalesce")
 _DONE = object()
 
 
@@ -81,11 +83,18 @@ class StreamSession:
             self.out.put_nowait(_DONE)
 
     def _start(self, request) -> None:
+        if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
+            self.out.put_nowait(stream_error(wire.ModelInferRequest(), request.message))
+            return
         try:
             call = self.service.prepare(request, self.context)
             future = call.backend.submit(call.request)
         except CoalesceError as exc:
             self.out.put_nowait(stream_error(request, exc.message))
+            return
+        except Exception as exc:  # a bug must not lose the request: it is counted outstanding
+            log.exception("bug starting a streamed request")
+            self.out.put_nowait(stream_error(request, f"{type(exc).__name__}: {exc}"))
             return
         if self.router.ordered(request.model_name):
             queue = self.in_order.setdefault(request.model_name, deque())

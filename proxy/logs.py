@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,3 +48,28 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class RateLimited:
+    """At most one line per key every `period` seconds; the next says how many were dropped.
+
+    A backend that fails hundreds of batches a second must not flood the log: the
+    operator needs to see that it fails and how often, once.
+    """
+
+    def __init__(self, logger: logging.Logger, period: float = 5.0) -> None:
+        self.logger = logger
+        self.period = period
+        self._last: dict[object, float] = {}
+        self._dropped: dict[object, int] = {}
+
+    def log(self, key: object, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.period) < self.period:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            message += f" (and {dropped} more like it in the last {self.period:g} s)"
+        self.logger.log(level, message, *args, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,10 @@ class InferRequest:
     metadata: tuple[tuple[str, str], ...] = ()
     route: str = ""
     """The model name the caller asked for (a metrics label)."""
+    trace: dict[str, str] | None = None
+    """The caller's W3C trace headers, read only when tracing is on."""
+    span: Any = None
+    """This request's span while tracing (coalesce.tracing)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ the error body of both protocols; unknown paths and oversized bodies too.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -61,6 +62,7 @@ async def start(
     max_body_bytes: int,
     grace: float,
     reuse_port: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Serve on `address` ("host:0" picks a free port); returns the runner and the port.
 
@@ -69,5 +71,8 @@ async def start(
     app = make_app(router, max_body_bytes)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
     await runner.setup()
-    await web.TCPSite(runner, host, int(port), reuse_port=reuse_port or None).start()
+    site = web.TCPSite(
+        runner, host, int(port), reuse_port=reuse_port or None, ssl_context=ssl_context
+    )
+    await site.start()
     return runner, runner.addresses[0][1]

@@ -13,12 +13,15 @@ from collections.abc import Callable
 from .adapter import Adapter, adapter_class
 from .batcher import Batcher
 from .batching import signature
+from .config import Backend as BackendSpec
 from .config import Config
-from .errors import CoalesceError, NotFound
+from .errors import CoalesceError, NotFound, Unavailable
+from .forwarding import batch_key
 from .metrics import Metrics
 from .request import InferRequest, ModelInfo, Tensors
 from .routing import RouteTable
 from .tensors import check_inputs
+from .tracing import Tracer
 
 log = logging.getLogger("coalesce")
 PROBE_INTERVAL_S = 2.0
@@ -34,6 +37,26 @@ def _outcome(future: asyncio.Future) -> BaseException | None:
     return asyncio.CancelledError() if future.cancelled() else future.exception()
 
 
+RESTART_KEYS = ("listen", "admin", "workers", "max_message_mb", "metrics", "tracing")
+"""Config keys a running server cannot change: a reload that changes them is refused."""
+
+
+async def _ready(backend: Backend) -> bool:
+    try:
+        return bool(await backend.adapter.ready())
+    except Exception:  # a probe must never kill the prober
+        log.exception("backend %s: readiness probe failed", backend.name)
+        return False
+
+
+class ReloadError(Exception):
+    """A reload that was refused; the old config keeps serving."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class StartupError(Exception):
     """A backend that cannot even be loaded (import error, bad model file, ...)."""
 
@@ -42,20 +65,41 @@ class Backend:
     """A backend model: its adapter, its batcher and whether it can serve now."""
 
     def __init__(
-        self, name: str, adapter: Adapter, batcher: Batcher, metrics: Metrics | None = None
+        self,
+        name: str,
+        adapter: Adapter,
+        batcher: Batcher,
+        metrics: Metrics | None = None,
+        *,
+        fail_fast_after: int | None = None,
     ) -> None:
         self.name = name
         self.adapter = adapter
         self.batcher = batcher
         self.ready = False
+        self.down = False  # the circuit breaker is open: answer UNAVAILABLE, do not queue
+        self._fail_fast_after = fail_fast_after
+        self._failed_probes = 0
         self.metrics = metrics or Metrics()
         self._accepted: set[tuple] = set()
+        self.count = True  # per-request metrics; see config `metrics`
+        self.tracer: Tracer | None = None  # see config `tracing`
+        self._released = False
         self._time = asyncio.get_running_loop().time
 
     async def infer(self, request: InferRequest) -> Tensors:
         """The request's outputs; sent at once, without queueing, when the backend is idle."""
+        if not self.count and self.tracer is None:  # nothing to record (`metrics: false`)
+            if self.down:
+                raise self._down()
+            return await self.batcher.infer(request, self._check(request))
         start = self._time()
+        if self.tracer is not None:
+            request.span = self.tracer.request(request.route, self.name, request.rows,
+                                               request.trace)
         try:
+            if self.down:
+                raise self._down()
             outputs = await self.batcher.infer(request, self._check(request))
         except BaseException as exc:
             self._record(request, start, exc)
@@ -65,8 +109,17 @@ class Backend:
 
     def submit(self, request: InferRequest) -> asyncio.Future[Tensors]:
         """Queue the request; the future resolves to its outputs (for callback-style callers)."""
+        if not self.count and self.tracer is None:
+            if self.down:
+                raise self._down()
+            return self.batcher.submit(request, self._check(request))
         start = self._time()
+        if self.tracer is not None:
+            request.span = self.tracer.request(request.route, self.name, request.rows,
+                                               request.trace)
         try:
+            if self.down:
+                raise self._down()
             future = self.batcher.submit(request, self._check(request))
         except CoalesceError as exc:
             self._record(request, start, exc)
@@ -75,12 +128,16 @@ class Backend:
         return future
 
     def _record(self, request: InferRequest, start: float, error: BaseException | None) -> None:
-        code = "OK" if error is None else _code(error)
-        stats = self.metrics.route(request.route, self.name)
-        stats.record(code, request.rows, self._time() - start)
+        if self.count:
+            code = "OK" if error is None else _code(error)
+            stats = self.metrics.route(request.route, self.name)
+            stats.record(code, request.rows, self._time() - start)
+        if request.span is not None:
+            self.tracer.finish(request.span, error)
 
     def _check(self, request: InferRequest) -> tuple:
-        """Check the request against the model once per input signature; its signature."""
+        """Check the request against the model once per input signature; its batching key
+        (the signature, plus any forwarded metadata that must not mix in a batch)."""
         key = signature(request.inputs)
         if key not in self._accepted:
             info = self.info()
@@ -89,10 +146,46 @@ class Backend:
                 if len(self._accepted) > 256:
                     self._accepted.clear()
                 self._accepted.add(key)
-        return key
+        return (key + batch_key(request.metadata)) if request.metadata else key
 
     def info(self) -> ModelInfo:
         return self.adapter.info()
+
+    def probed(self, ready: bool) -> None:
+        """Take a readiness probe's answer (and the retries gRPC made meanwhile).
+
+        The circuit breaker: `fail_fast_after` failed probes in a row (not one, so a
+        hiccup does not make a healthy backend flap) mark the backend down, and its
+        requests, queued ones too, get UNAVAILABLE at once instead of waiting out their
+        deadlines; the first probe that succeeds lets them through again.
+        """
+        counter = getattr(self.adapter, "retry_counter", None)  # see coalesce.channels
+        if counter is not None:
+            self.batcher.stats.retries += counter.take()
+        if ready or self._fail_fast_after is None:
+            if self.down:
+                log.info("backend %s: probe succeeded, taking requests again", self.name)
+            self.down, self._failed_probes = False, 0
+            return
+        self._failed_probes += 1
+        if not self.down and self._failed_probes >= self._fail_fast_after:
+            failed = self._failed_probes
+            log.warning("backend %s: %d probes failed in a row, failing fast", self.name, failed)
+            self.down = True
+            self.batcher.shed(self._down())
+
+    def _down(self) -> Unavailable:
+        return Unavailable(f"backend '{self.name}' is down (its readiness probes fail)")
+
+    async def close(self, grace: float) -> None:
+        """Let queued and in-flight requests finish (up to `grace` s), then release."""
+        if grace > 0:
+            await self.batcher.drain(grace)
+        if self._released:
+            return
+        self._released = True
+        await self.batcher.close()
+        await self.adapter.close()
 
 
 class Router:
@@ -103,35 +196,92 @@ class Router:
         self.backends: dict[str, Backend] = {}
         self.routes: dict[str, Backend] = {}
         self.metrics = Metrics()
+        self.tracer = Tracer(config.tracing) if config.tracing else None
         self.table = RouteTable(config.routes)
         self._ordered = {r.model for r in config.routes if r.ordered}
         self.on_health_change: Callable[[str, bool], None] = lambda model, ready: None
         self._prober: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+        self._retired: list[Backend] = []
 
     async def start(self) -> None:
         """Load every backend; an unreachable one starts not ready rather than failing."""
         for name, spec in self.config.backends.items():
-            try:
-                adapter = adapter_class(spec.type)(name, spec)
-                await adapter.load()
-            except Exception as exc:
-                raise StartupError(
-                    f"backend '{name}' cannot load: {type(exc).__name__}: {exc}"
-                ) from exc
-            timeout = spec.timeout_ms / 1000 if spec.timeout_ms else None
-            batcher = Batcher(
-                name,
-                adapter.infer,
-                spec.batching,
-                timeout_s=timeout,
-                backend_limit=lambda a=adapter: a.max_batch_size,
-                stats=self.metrics.backend(name),
-            )
-            batcher.start()
-            self.backends[name] = Backend(name, adapter, batcher, self.metrics)
-        self.routes = {m: self.backends[r.backend] for m, r in self.table.defaults().items()}
+            self.backends[name] = await self._build(name, spec)
+        self._set_routes(self.config)
         await self.probe()
         self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def _build(self, name: str, spec: BackendSpec) -> Backend:
+        try:
+            adapter = adapter_class(spec.type)(name, spec)
+            await adapter.load()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            raise StartupError(f"backend '{name}' cannot load: {problem}") from exc
+        timeout = spec.timeout_ms / 1000 if spec.timeout_ms else None
+        batcher = Batcher(
+            name,
+            adapter.infer,
+            spec.batching,
+            timeout_s=timeout,
+            backend_limit=lambda a=adapter: a.max_batch_size,
+            stats=self.metrics.backend(name),
+        )
+        batcher.start()
+        breaker = spec.circuit_breaker
+        fail_fast_after = breaker.failed_probes if breaker else None
+        backend = Backend(name, adapter, batcher, self.metrics, fail_fast_after=fail_fast_after)
+        backend.count = self.config.metrics
+        backend.tracer = batcher.tracer = self.tracer
+        return backend
+
+    def _set_routes(self, config: Config) -> None:
+        self.table = RouteTable(config.routes)
+        self._ordered = {r.model for r in config.routes if r.ordered}
+        self.routes = {m: self.backends[r.backend] for m, r in self.table.defaults().items()}
+
+    async def reload(self, config: Config, grace: float) -> list[str]:
+        """Switch to `config` (already validated) without dropping a request.
+
+        Backends whose block did not change keep their batcher and queue. New and
+        changed ones are loaded first (if one cannot load, nothing changes); then
+        the routes switch at once, and the replaced backends finish what they hold
+        within `grace` seconds before they close.
+        """
+        fixed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(self.config, k)]
+        if fixed:
+            raise ReloadError([f"{key}: cannot change without a restart" for key in fixed])
+        old = self.config.backends
+        keep = {n: b for n, b in self.backends.items() if config.backends.get(n) == old[n]}
+        fresh: dict[str, Backend] = {}
+        try:
+            for name, spec in config.backends.items():
+                if name not in keep:
+                    fresh[name] = await self._build(name, spec)
+        except StartupError as exc:
+            await asyncio.gather(*(b.close(0) for b in fresh.values()))
+            raise ReloadError([str(exc)]) from exc
+        retired = [b for n, b in self.backends.items() if n not in keep]
+        before = set(self.routes)
+        self.backends = {**keep, **fresh}
+        self.config = config
+        self._set_routes(config)
+        for backend in fresh.values():
+            backend.ready = await _ready(backend)
+        for model in before - set(self.routes):
+            self.on_health_change(model, False)
+        for model, backend in self.routes.items():
+            self.on_health_change(model, backend.ready)
+        for backend in retired:
+            self._retired.append(backend)
+            task = asyncio.get_running_loop().create_task(backend.close(grace))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        changes = [f"backend {n}: {'changed' if n in old else 'added'}" for n in fresh]
+        changes += [f"backend {b.name}: removed" for b in retired if b.name not in fresh]
+        log.info("reloaded config: %s", "; ".join(changes) or "no backend changed")
+        return changes
 
     def get(self, model: str, version: str = "", label: str = "") -> Backend:
         if version or label:  # routes pinned to versions or labels (coalesce.routing)
@@ -154,12 +304,9 @@ class Router:
 
     async def probe(self) -> None:
         """Ask every backend whether it is ready; report changes per routed model."""
-        for backend in self.backends.values():
-            try:
-                ready = await backend.adapter.ready()
-            except Exception:  # a probe must never kill the prober
-                log.exception("backend %s: readiness probe failed", backend.name)
-                ready = False
+        for backend in list(self.backends.values()):
+            ready = await _ready(backend)
+            backend.probed(ready)
             if ready != backend.ready:
                 log.info("backend %s is %s", backend.name, "ready" if ready else "NOT ready")
                 backend.ready = ready
@@ -176,10 +323,13 @@ class Router:
         return all(b.ready for b in self.backends.values())
 
     async def close(self) -> None:
+        """Close every backend now: what is still queued is answered UNAVAILABLE."""
         if self._prober:
             self._prober.cancel()
-        for backend in self.backends.values():
-            await backend.batcher.close()
-            await backend.adapter.close()
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        for backend in [*self.backends.values(), *self._retired]:
+            await backend.close(0)
         self.backends.clear()
         self.routes.clear()

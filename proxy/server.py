@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
+from collections.abc import Callable
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin, rest, stats
-from .config import Config
+from .config import Config, ConfigError, ServerTLS
 from .kserve_grpc import KServeService
-from .router import Router
+from .router import ReloadError, Router
 from .tfserving_grpc import TFServingService
+from .tls import ServerCertificates
 
 log = logging.getLogger("coalesce")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -29,8 +32,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Server:
     """One serving process; `start()` then `stop()`, or `run()` until a signal."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, source: Callable[[], Config] | None = None) -> None:
+        """`source` reads the config again for a reload (SIGHUP, POST /reload)."""
         self.config = config
+        self._source = source
         self.router = Router(config)
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -40,6 +45,7 @@ class Server:
         self._http: web.AppRunner | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._publisher: asyncio.Task | None = None
+        self._tls: dict[str, ServerCertificates] = {}  # by listener: grpc, http, admin
 
     async def start(self) -> None:
         for route in self.config.routes:
@@ -61,7 +67,7 @@ class Server:
             [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        self.port = self._grpc.add_insecure_port(self.config.listen)
+        self.port = self._add_port(self._grpc, self.config.listen, self.config.tls)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._grpc.start()
@@ -71,7 +77,13 @@ class Server:
                 stats.publish(self.router, folder)
             )
         if self.config.admin:
-            self._admin = await admin.start(self.router, self.config.admin, folder)
+            self._admin = await admin.start(
+                self.router,
+                self.config.admin,
+                folder,
+                self.reload,
+                ssl_context=self._ssl_context("admin", self.config.admin_tls),
+            )
         if self.config.http:
             self._http, self.http_port = await rest.start(
                 self.router,
@@ -79,6 +91,7 @@ class Server:
                 max_body_bytes=limit,
                 grace=self.config.grace_period_s,
                 reuse_port=self.config.workers > 1,
+                ssl_context=self._ssl_context("http", self.config.tls),
             )
         host = self.config.listen.rpartition(":")[0]
         log.info(
@@ -89,6 +102,32 @@ class Server:
             self.config.admin or "off",
             f"{self.config.http.rpartition(':')[0]}:{self.http_port}" if self._http else "off",
         )
+
+    def _add_port(self, server: grpc.aio.Server, address: str, tls: ServerTLS | None) -> int:
+        if tls is None:
+            return server.add_insecure_port(address)
+        self._tls["grpc"] = ServerCertificates(tls, "grpc listener")
+        return server.add_secure_port(address, self._tls["grpc"].grpc_credentials())
+
+    def _ssl_context(self, listener: str, tls: ServerTLS | None) -> ssl.SSLContext | None:
+        if tls is None:
+            return None
+        self._tls[listener] = ServerCertificates(tls, f"{listener} listener")
+        return self._tls[listener].ssl_context()
+
+    def _update_tls(self, config: Config) -> None:
+        """A reload may point the listeners at other files (rotated ones are seen anyway);
+        turning TLS on or off needs a restart."""
+        blocks = {"grpc": config.tls, "http": config.tls, "admin": config.admin_tls}
+        for listener, certificates in self._tls.items():
+            block = blocks[listener]
+            if block is None:
+                log.warning("%s listener: TLS stays on until a restart", listener)
+                continue
+            try:
+                certificates.update(block)
+            except OSError as exc:
+                log.error("%s (the old files serve on)", exc)
 
     def _set_health(self, model: str, ready: bool) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -112,12 +151,38 @@ class Server:
             await self._admin.cleanup()
         log.info("stopped")
 
+    async def reload(self) -> list[str]:
+        """Re-read the config; a bad one is refused (ReloadError) and the old one serves on."""
+        try:
+            if self._source is None:
+                raise ReloadError(["(config): this server was not started from a config file"])
+            try:
+                config = self._source()
+            except ConfigError as exc:
+                raise ReloadError(exc.problems) from exc
+            changes = await self.router.reload(config, self.config.grace_period_s)
+        except ReloadError as exc:
+            self.router.metrics.reloads["error"] = self.router.metrics.reloads.get("error", 0) + 1
+            log.error("reload refused, the old config keeps serving: %s", exc)
+            raise
+        self.config = config
+        self._update_tls(config)
+        self.router.metrics.reloads["ok"] = self.router.metrics.reloads.get("ok", 0) + 1
+        return changes
+
+    def _reload_in_background(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged in reload()
+
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        """Serve until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await self.start()
         await stop.wait()
         await self.stop()

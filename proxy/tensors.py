@@ -52,6 +52,8 @@ CONTENTS_FIELD = {
 }
 
 _LENGTH = struct.Struct("<I")
+MAX_RANK = 32  # numpy 1.x's limit (2.x allows 64)
+MAX_ELEMENTS = 2**31 - 1
 
 
 def dtype_of(datatype: str, tensor: str) -> np.dtype:
@@ -78,8 +80,22 @@ def datatype_of(array: np.ndarray, tensor: str) -> str:
 def check_shape(shape: list[int] | tuple[int, ...], tensor: str) -> tuple[int, ...]:
     if not shape:
         raise InvalidArgument(f"tensor '{tensor}': needs a batch dimension (shape is [])")
+    return check_dims(shape, tensor)
+
+
+def check_dims(shape: list[int] | tuple[int, ...], tensor: str) -> tuple[int, ...]:
+    """Dimensions numpy can hold and a message can carry, refused before anything is
+    allocated: no tensor of a 2 GiB message has 2**31 elements, even next to a 0."""
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"tensor '{tensor}': shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"tensor '{tensor}': {len(shape)} dimensions, at most {MAX_RANK} are supported"
+        )
+    if prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgument(
+            f"tensor '{tensor}': shape {list(shape)} is too large (over {MAX_ELEMENTS} elements)"
+        )
     return tuple(shape)
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import protowire, wire
-from .errors import InvalidArgument
-from .tensors import BF16
+from .errors import InvalidArgument, TooLarge
+from .tensors import BF16, check_dims
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,7 @@ TYPED_FIELDS = frozenset(t.field for t in TF_TYPES)
 _PACKED = {"float_val": 5, "double_val": 6, "scomplex_val": 9, "dcomplex_val": 12}
 _LARGE = 256  # elements from which the packed-bytes paths beat per-value conversion
 _INT_RANGE = {t.dtype: np.iinfo(t.dtype) for t in TF_TYPES if t.field == "int_val"}
+MAX_FILL_BYTES = 64 << 20  # one value fills at most what a default-sized message carries
 
 
 def tf_type(enum: int, tensor: str) -> TFType:
@@ -103,10 +104,7 @@ def shape_of(proto: Any, tensor: str) -> tuple[int, ...]:
     shape = proto.tensor_shape
     if shape.unknown_rank:
         raise InvalidArgument(f"tensor '{tensor}': tensor_shape has unknown_rank set")
-    dims = tuple(d.size for d in shape.dim)
-    if any(d < 0 for d in dims):
-        raise InvalidArgument(f"tensor '{tensor}': shape {list(dims)} has a negative dimension")
-    return dims
+    return check_dims(tuple(d.size for d in shape.dim), tensor)
 
 
 def to_array(proto: Any, tensor: str) -> np.ndarray:
@@ -182,6 +180,11 @@ def _from_values(proto: Any, kind: TFType, shape: tuple[int, ...], tensor: str) 
         raise InvalidArgument(
             f"tensor '{tensor}': {kind.field} holds {sent // per} values, shape {list(shape)} "
             f"needs {count} (or 1, which fills the shape)"
+        )
+    if sent != count * per and count * kind.dtype.itemsize > MAX_FILL_BYTES:
+        raise TooLarge(
+            f"tensor '{tensor}': filling shape {list(shape)} from one value makes "
+            f"{count * kind.dtype.itemsize} bytes, over the {MAX_FILL_BYTES} allowed"
         )
     flat = _convert(proto, values, kind, tensor)
     if len(flat) != count:

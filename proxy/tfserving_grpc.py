@@ -22,12 +22,13 @@ from typing import Any
 
 import grpc
 
-from . import wire
+from . import access, wire
 from .config import Route
 from .errors import CoalesceError, InvalidArgument, NotFound, grpc_status
 from .request import InferRequest, ModelInfo, Tensors, TensorSpec
 from .router import Backend, Router
 from .tf_tensors import fill_proto, kserve_to_tf, to_array
+from .tracing import carrier_of
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -158,10 +159,16 @@ class TFServingService:
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         spec = request.model_spec
         target = resolve(self.router, spec)
+        caller = access.GrpcCaller(context)
+        metadata = access.admit(self.router, target.route, caller, access.request_bytes())
         names = output_names(request.output_filter, target.backend.info(), spec.name)
         left = context.time_remaining()
         deadline = None if left is None else self._time() + left
-        outputs = await target.backend.infer(decode(request.inputs, deadline))
+        decoded = decode(request.inputs, deadline)
+        decoded.metadata = metadata
+        if self.router.tracer is not None:
+            decoded.trace = carrier_of(context.invocation_metadata() or ())
+        outputs = await target.backend.infer(decoded)
         response = wire.PredictResponse()
         model_spec(response.model_spec, spec.name, target)
         encode(response, outputs, names, spec.name)
@@ -182,6 +189,7 @@ class TFServingService:
                 )
         spec = request.model_spec
         target = resolve(self.router, spec)
+        access.admit(self.router, target.route, access.GrpcCaller(context), None)
         response = wire.GetModelMetadataResponse()
         model_spec(response.model_spec, spec.name, target, signature=False)
         packed = response.metadata["signature_def"]
@@ -233,19 +241,19 @@ class TFServingService:
             wire.TF_PREDICTION: {
                 "Predict": unary(
                     self.Predict,
-                    request_deserializer=wire.PredictRequest.FromString,
+                    request_deserializer=access.sized(wire.parser(wire.PredictRequest)),
                     response_serializer=wire.PredictResponse.SerializeToString,
                 ),
                 "GetModelMetadata": unary(
                     self.GetModelMetadata,
-                    request_deserializer=wire.GetModelMetadataRequest.FromString,
+                    request_deserializer=wire.parser(wire.GetModelMetadataRequest),
                     response_serializer=wire.GetModelMetadataResponse.SerializeToString,
                 ),
             },
             wire.TF_MODEL: {
                 "GetModelStatus": unary(
                     self.GetModelStatus,
-                    request_deserializer=wire.GetModelStatusRequest.FromString,
+                    request_deserializer=wire.parser(wire.GetModelStatusRequest),
                     response_serializer=wire.GetModelStatusResponse.SerializeToString,
                 ),
             },

@@ -25,12 +25,14 @@ import grpc
 from aiohttp import web
 from google.protobuf.json_format import MessageToDict
 
-from . import wire
+from . import access, wire
+from .config import Route
 from .errors import CoalesceError, InvalidArgument, NotFound
 from .json_tensors import dumps, infer_datatype, parse, request_of, to_array, to_json
 from .request import ModelInfo, Tensors
 from .router import Router
 from .tfserving_grpc import Target, resolve, served_version, signature_def_map
+from .tracing import carrier_of
 
 _PATH = re.compile(
     r"/v1/models/(?P<name>[^/:]+)"
@@ -137,7 +139,10 @@ def model_spec(path: re.Match, signature: str = "") -> Any:
     """The ModelSpec a URL names, so that REST resolves routes as the gRPC API does."""
     spec = ModelSpec(name=path["name"], signature_name=signature)
     if path["version"]:
-        spec.version.value = int(path["version"])
+        digits = path["version"]
+        if len(digits) > 19 or int(digits) >= 2**63:  # an int64 field
+            raise NotFound(f"model '{path['name']}' has no version {digits:.30}")
+        spec.version.value = int(digits)
     elif path["label"]:
         spec.version_label = path["label"]
     return spec
@@ -178,14 +183,29 @@ class TFServingREST:
         if path and request.method == "GET" and verb is None:
             return self.status(path)
         if path and request.method == "GET" and verb == "/metadata":
+            access.admit(self.router, self._route(path), access.HttpCaller(request), None)
             return self.metadata(path)
         raise NotFound(f"Malformed request: {request.method} {request.path}")
 
+    def _route(self, path: re.Match) -> Route:
+        return access.route_of(
+            self.router, path["name"], path["version"] or "", path["label"] or ""
+        )
+
     async def predict(self, request: web.Request, path: re.Match) -> web.Response:
-        document = _object(await request.read())
+        route = self._route(path)
+        caller = access.HttpCaller(request)
+        metadata = access.admit(self.router, route, caller, request.content_length)
+        body = await request.read()
+        access.check_size(route, len(body))  # a chunked body has no Content-Length
+        document = _object(body)
         target = resolve(self.router, model_spec(path, document.get("signature_name", "")))
         tensors, row_format = decode(document, target.backend.info(), path["name"])
-        outputs = await target.backend.infer(request_of(tensors, None))
+        decoded = request_of(tensors, None)
+        decoded.metadata = metadata
+        if self.router.tracer is not None:
+            decoded.trace = carrier_of(request.headers.items())
+        outputs = await target.backend.infer(decoded)
         answer = (
             {"predictions": predictions(outputs)} if row_format else {"outputs": columnar(outputs)}
         )

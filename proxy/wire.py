@@ -5,9 +5,14 @@ copy of the `inference.*` messages in protobuf's default pool, and two
 definitions of one symbol in one pool is an error. The wire format is the same.
 """
 
+from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+from .errors import InvalidArgument
 
 _pool = descriptor_pool.DescriptorPool()
 _files = descriptor_pb2.FileDescriptorSet.FromString(
@@ -20,6 +25,23 @@ for _file in _files.file:
 def message(full_name: str) -> type:
     """The message class for a fully qualified protobuf name."""
     return message_factory.GetMessageClass(_pool.FindMessageTypeByName(full_name))
+
+
+def parser(message_class: type) -> Callable[[bytes], Any]:
+    """A gRPC request deserializer that hands the handler bytes which are no valid message
+    (bad protobuf, a string that is not UTF-8) as an InvalidArgument to answer with, where
+    grpc itself would answer UNKNOWN, or end a stream OK without answering the request."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return InvalidArgument(
+                f"the request is not a valid {name} (bad protobuf, or a string not in UTF-8)"
+            )
+
+    return parse
 
 
 KSERVE = "inference.GRPCInferenceService"

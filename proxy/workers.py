@@ -55,8 +55,14 @@ def supervise(argv: list[str], workers: int) -> int:
                 process.send_signal(signum)
 
     procs = {i: start(i) for i in range(workers)}
+    def reload(signum: int, frame: object) -> None:
+        for process in procs.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     log.info(
         "supervising %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs.values())
     )

@@ -113,3 +113,33 @@ def gated_echo() -> GatedEcho:
 
 def wrong_rows() -> WrongRows:
     return WrongRows()
+
+
+class Slowable(Affine):
+    """Affine whose delay becomes `factor` times longer while a flag file exists."""
+
+    def __init__(self, delay_ms: float, flag: str, factor: float = 50) -> None:
+        super().__init__(delay_ms)
+        self.flag = flag
+        self.factor = factor
+
+    def __call__(self, inputs):
+        import pathlib
+
+        slow = pathlib.Path(self.flag).exists()
+        self.delay = self.base * (self.factor if slow else 1)
+        return super().__call__(inputs)
+
+    @property
+    def base(self) -> float:
+        return self._base
+
+    @base.setter
+    def base(self, value: float) -> None:
+        self._base = value
+
+
+def slowable(delay_ms: float, flag: str, factor: float = 50) -> Slowable:
+    model = Slowable(delay_ms, flag, factor)
+    model.base = delay_ms / 1000
+    return model

@@ -137,3 +137,14 @@ def test_serve_reports_a_model_that_cannot_load(tmp_path):
     assert result.returncode == 1
     assert "backend 'm' cannot load: ImportError" in result.stderr
     assert "No module named 'tests.no_such_module'" in result.stderr
+
+
+def test_the_readme_config_reference_is_current():
+    from coalesce import config_doc
+
+    readme = (ROOT / "README.md").read_text()
+    assert config_doc.with_reference(readme) == readme, (
+        "README's config reference is stale: python -m coalesce.config_doc --write README.md"
+    )
+    for model in ("Config", "Batching", "Route", "TritonBackend", "LocalBackend"):
+        assert f"#### {model}\n" in readme

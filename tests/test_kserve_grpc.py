@@ -208,7 +208,7 @@ BAD_REQUESTS = {
     "huge dimension": (
         bad(tensors=[("x", "FP32", [1, 2**40])]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "tensor 'x': raw contents have 16 bytes",
+        "tensor 'x': shape [1, 1099511627776] is too large",
     ),
     "negative dimension": (
         bad(tensors=[("x", "FP32", [-1, 4])]),

@@ -69,3 +69,24 @@ def test_serve_logs_readable_text_by_default(tmp_path):
     lines = served_log(tmp_path)
     assert any(" INFO coalesce: serving echo on 127.0.0.1:" in line for line in lines)
     assert lines[-1].endswith(" INFO coalesce: stopped")
+
+
+def test_backend_errors_are_rate_limited_per_key(caplog):
+    import logging
+    import time as _time
+
+    from coalesce.logs import RateLimited
+
+    limited = RateLimited(logging.getLogger("coalesce.test"), period=0.2)
+    with caplog.at_level(logging.WARNING, logger="coalesce.test"):
+        for _ in range(100):
+            limited.log("UNAVAILABLE", logging.WARNING, "backend %s failed", "b")
+        limited.log("INTERNAL", logging.WARNING, "backend %s broke", "b")
+        _time.sleep(0.25)
+        limited.log("UNAVAILABLE", logging.WARNING, "backend %s failed", "b")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "backend b failed",
+        "backend b broke",
+        "backend b failed (and 99 more like it in the last 0.2 s)",
+    ]
