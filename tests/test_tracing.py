@@ -11,14 +11,14 @@ import tritonclient.grpc.aio as aio
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
-from tests.client import inputs  # noqa: E402
-from tests.conftest import running  # noqa: E402
-from tests.support.recording import RecordingKServe, serving  # noqa: E402
+from tests.client import inputs
+from tests.conftest import running
+from tests.support.recording import RecordingKServe, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -42,8 +42,9 @@ async def test_spans_per_request_continue_the_callers_trace_and_reach_the_backen
 
             async def one(i: int) -> None:
                 x = np.full((1, 4), i, dtype=np.float32)
-                result = await client.infer("m", inputs(x=x), headers={"traceparent":
-                                                                       traceparent(i)})
+                result = await client.infer(
+                    "m", inputs(x=x), headers={"traceparent": traceparent(i)}
+                )
                 np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
 
             await asyncio.gather(*(one(i) for i in range(20)))
@@ -66,6 +67,6 @@ async def test_spans_per_request_continue_the_callers_trace_and_reach_the_backen
         batch_ids.add(call.attributes["coalesce.batch_id"])
     assert len(batch_ids) == len(service.calls) < 20  # requests shared backend calls
     backend_spans = {s.context.span_id for s in spans if s.name == "coalesce.backend"}
-    for rows, metadata in service.calls:
-        version, trace, span, _flags = metadata["traceparent"].split("-")
+    for _rows, metadata in service.calls:
+        _version, trace, span, _flags = metadata["traceparent"].split("-")
         assert trace == TRACE_ID and int(span, 16) in backend_spans
