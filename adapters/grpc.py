@@ -22,12 +22,11 @@ from .. import channels, forwarding, tls, wire
 from ..adapter import import_string
 from ..config import GrpcBackend
 from ..errors import (
-    BackendError,
     CoalesceError,
-    DeadlineExceeded,
     Internal,
     InvalidArgument,
     Unavailable,
+    from_backend,
 )
 from ..request import ModelInfo, Tensors, TensorSpec
 from ..tensors import check_shape, from_raw, to_raw
@@ -35,15 +34,6 @@ from ..tensors import check_shape, from_raw, to_raw
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    # A restarted service should be used again within a probe interval, not after
-    # gRPC's default reconnect backoff (which grows to two minutes).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.use_local_subchannel_pool", 1),
-]
 
 
 @runtime_checkable
@@ -100,16 +90,6 @@ def _specs(items: Any) -> tuple[TensorSpec, ...]:
     )
 
 
-def _translate(exc: grpc.aio.AioRpcError, backend: str) -> CoalesceError:
-    message = f"backend '{backend}': {exc.details()}"
-    kinds = {
-        grpc.StatusCode.UNAVAILABLE: Unavailable,
-        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    }
-    kind = kinds.get(exc.code())
-    return kind(message) if kind else BackendError(message, exc.code())
-
-
 class GrpcAdapter:
     """Sends each batch as one unary call, encoded by the backend's codec."""
 
@@ -143,7 +123,7 @@ class GrpcAdapter:
         self._channel = tls.open_channel(
             target,
             tls.client_certificates(self.config.tls),
-            channels.options(self.config, _CHANNEL_ARGS),
+            channels.options(self.config),
         )
         self.retry_counter = channels.RetryCounter(target)
         self._call = self._channel.unary_unary(
@@ -165,7 +145,7 @@ class GrpcAdapter:
         try:
             response = await self._call(request, timeout=timeout, metadata=forwarding.outgoing())
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, self.name) from exc
+            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
         try:
             return self._codec.decode(response)
         except CoalesceError as exc:

@@ -18,12 +18,11 @@ import grpc
 from .. import channels, forwarding, tls, wire
 from ..config import TFServingBackend
 from ..errors import (
-    BackendError,
     CoalesceError,
-    DeadlineExceeded,
     Internal,
     InvalidArgument,
     Unavailable,
+    from_backend,
 )
 from ..request import ModelInfo, Tensors, TensorSpec
 from ..tf_tensors import BY_ENUM, fill_proto, to_array
@@ -32,26 +31,6 @@ log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
 _SIGNATURE_DEF_MAP = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
 _AVAILABLE = wire.ModelVersionStatus.State.Value("AVAILABLE")
-_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    # A restarted TF Serving should be used again within a probe interval.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
-_KINDS = {
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-
-
-def _translate(exc: grpc.aio.AioRpcError, backend: str) -> CoalesceError:
-    """TF Serving's status, kept: the caller sees the code TF Serving answered with."""
-    message = f"backend '{backend}': {exc.details()}"
-    kind = _KINDS.get(exc.code())
-    return kind(message) if kind else BackendError(message, exc.code())
 
 
 def _spec(name: str, info: Any) -> TensorSpec | None:
@@ -86,7 +65,7 @@ class TFServingAdapter:
         self._channel = tls.open_channel(
             target,
             tls.client_certificates(self.config.tls),
-            channels.options(self.config, _CHANNEL_ARGS),
+            channels.options(self.config),
         )
         self.retry_counter = channels.RetryCounter(target)
         self._predict = self._method(wire.TF_PREDICTION, "Predict", wire.PredictResponse)
@@ -156,7 +135,7 @@ class TFServingAdapter:
         try:
             response = await self._predict(request, timeout=timeout, metadata=forwarding.outgoing())
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, self.name) from exc
+            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
         try:
             return {name: to_array(proto, name) for name, proto in response.outputs.items()}
         except InvalidArgument as exc:

@@ -19,31 +19,16 @@ from tritonclient.utils import InferenceServerException
 
 from .. import channels, forwarding, tls
 from ..config import TritonBackend
-from ..errors import BackendError, CoalesceError, DeadlineExceeded, InvalidArgument, Unavailable
+from ..errors import (
+    InvalidArgument,
+    Unavailable,
+    from_backend,
+)
 from ..request import ModelInfo, Tensors, TensorSpec
 from ..tensors import from_raw, to_raw
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
-_CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", 2**31 - 1),
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    # A restarted Triton should be used again within a probe interval, not after
-    # gRPC's default reconnect backoff (which grows to two minutes).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.use_local_subchannel_pool", 1),
-]
-
-
-def _translate(code: grpc.StatusCode, details: str, backend: str) -> CoalesceError:
-    message = f"backend '{backend}': {details}"
-    kinds = {
-        grpc.StatusCode.UNAVAILABLE: Unavailable,
-        grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    }
-    kind = kinds.get(code)
-    return kind(message) if kind else BackendError(message, code)
 
 
 def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
@@ -65,7 +50,7 @@ class TritonAdapter:
         certificates = tls.client_certificates(self.config.tls)
         self._client = aio.InferenceServerClient(
             target,
-            channel_args=channels.options(self.config, _CHANNEL_ARGS)
+            channel_args=channels.options(self.config)
             + (certificates.options() if certificates else []),
             creds=certificates.credentials() if certificates else None,
         )
@@ -139,7 +124,7 @@ class TritonAdapter:
                 request, timeout=timeout, metadata=forwarding.outgoing()
             )
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc.code(), exc.details() or "", self.name) from exc
+            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
         return {
             out.name: from_raw(raw, out.datatype, tuple(out.shape), out.name)
             for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)

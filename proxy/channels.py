@@ -87,7 +87,20 @@ def service_config(config: RemoteBackend) -> dict:
     return service
 
 
-def options(config: RemoteBackend, base: Sequence[tuple[str, Any]] = ()) -> ChannelOptions:
+BASE_OPTIONS: ChannelOptions = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    # A restarted backend should be used again within a probe interval, not after
+    # gRPC's default reconnect backoff (which grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+"""What every backend channel needs whatever its kind."""
+
+
+def options(
+    config: RemoteBackend, base: Sequence[tuple[str, Any]] = BASE_OPTIONS
+) -> ChannelOptions:
     """`base` plus what replicas need: the service config, the retry buffer, and a
     subchannel pool of the channel's own (so channelz counts are this backend's only)."""
     extra: ChannelOptions = [

@@ -110,6 +110,16 @@ def http_status(error: CoalesceError) -> int:
     return error.http or HTTP_STATUS.get(error.code, 500)
 
 
+def from_backend(backend: str, code: grpc.StatusCode, details: str) -> CoalesceError:
+    """A backend's gRPC error for its callers: the backend's own status is kept."""
+    message = f"backend '{backend}': {details}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(message)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(message)
+    return BackendError(message, code)
+
+
 R = TypeVar("R")
 
 

@@ -90,17 +90,10 @@ class Backend:
     async def infer(self, request: InferRequest) -> Tensors:
         """The request's outputs; sent at once, without queueing, when the backend is idle."""
         if not self.count and self.tracer is None:  # nothing to record (`metrics: false`)
-            if self.down:
-                raise self._down()
-            return await self.batcher.infer(request, self._check(request))
-        start = self._time()
-        if self.tracer is not None:
-            request.span = self.tracer.request(request.route, self.name, request.rows,
-                                               request.trace)
+            return await self.batcher.infer(request, self._admit(request))
+        start = self._start(request)
         try:
-            if self.down:
-                raise self._down()
-            outputs = await self.batcher.infer(request, self._check(request))
+            outputs = await self.batcher.infer(request, self._admit(request))
         except BaseException as exc:
             self._record(request, start, exc)
             raise
@@ -110,22 +103,28 @@ class Backend:
     def submit(self, request: InferRequest) -> asyncio.Future[Tensors]:
         """Queue the request; the future resolves to its outputs (for callback-style callers)."""
         if not self.count and self.tracer is None:
-            if self.down:
-                raise self._down()
-            return self.batcher.submit(request, self._check(request))
-        start = self._time()
-        if self.tracer is not None:
-            request.span = self.tracer.request(request.route, self.name, request.rows,
-                                               request.trace)
+            return self.batcher.submit(request, self._admit(request))
+        start = self._start(request)
         try:
-            if self.down:
-                raise self._down()
-            future = self.batcher.submit(request, self._check(request))
+            future = self.batcher.submit(request, self._admit(request))
         except CoalesceError as exc:
             self._record(request, start, exc)
             raise
         future.add_done_callback(lambda f: self._record(request, start, _outcome(f)))
         return future
+
+    def _admit(self, request: InferRequest) -> tuple:
+        """Fail fast while the backend is down; else the request's batching key."""
+        if self.down:
+            raise self._down()
+        return self._check(request)
+
+    def _start(self, request: InferRequest) -> float:
+        """When the request began (for its latency), and its span when tracing."""
+        if self.tracer is not None:
+            request.span = self.tracer.request(request.route, self.name, request.rows,
+                                               request.trace)
+        return self._time()
 
     def _record(self, request: InferRequest, start: float, error: BaseException | None) -> None:
         if self.count:

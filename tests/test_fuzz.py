@@ -56,7 +56,7 @@ REFUSALS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNIMPLEMENTED,
 }
-HTTP_REFUSALS = {400, 404, 405, 413, 429, 501}
+HTTP_REFUSALS = {400, 404, 405, 413, 429, 501, 504}  # 504: a `timeout` of a few microseconds
 
 
 def fuzz(examples: int, *, end_to_end: bool = False) -> settings:
