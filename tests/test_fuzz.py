@@ -185,7 +185,7 @@ def resized(draw: st.DrawFn, data: bytes) -> bytes:
 
 KSERVE_LIES = (
     "datatype", "shape", "raw length", "raw entries", "contents field", "both",
-    "duplicate", "rows", "version", "no inputs",
+    "duplicate", "rows", "version", "no inputs", "outputs",
 )  # fmt: skip
 
 
@@ -222,6 +222,9 @@ def kserve_requests(draw: st.DrawFn, models: st.SearchStrategy[str] = TEXT) -> A
                 field = draw(st.sampled_from(list(CONTENTS_VALUES)))
                 values = draw(st.lists(CONTENTS_VALUES[field], max_size=6))
             getattr(tensor.contents, field).extend(values)
+    if "outputs" in told:
+        for name in draw(st.lists(NAMES, min_size=1, max_size=2)):
+            request.outputs.add(name=name)
     if "raw entries" in told:
         raws = raws[:-1] if draw(st.booleans()) else [*raws, b""]
     request.raw_input_contents.extend(raws)
@@ -286,7 +289,7 @@ def predict_requests(draw: st.DrawFn, models: st.SearchStrategy[str] = TEXT) -> 
     rows = draw(st.integers(1, 3))
     for name in names:
         request.inputs[name].CopyFrom(draw(tensor_protos(rows, told)))
-    request.output_filter.extend(draw(st.lists(NAMES, max_size=2)))
+    request.output_filter.extend(draw(mostly(st.just([]), st.lists(NAMES, max_size=2))))
     return request
 
 
@@ -480,7 +483,7 @@ NOT_UTF8 = protowire.delimited(5, protowire.delimited(1, b"\xff\xfe"))  # an inp
 # --- Layer (a): the pure decoders --------------------------------------------------
 
 
-@fuzz(500)
+@fuzz(800)
 @given(request=kserve_requests())
 @example(request=kserve_request([0, 2**62]))  # was: numpy ValueError "array is too big"
 @example(request=kserve_request([1] * 70, raw=bytes(4)))  # was: ValueError, over 64 dims
@@ -518,7 +521,7 @@ def test_kserve_grpc_valid_tensors_decode_exactly(datatype: str, typed: bool, da
         assert decoded.tobytes() == array.tobytes()
 
 
-@fuzz(500)
+@fuzz(800)
 @given(request=predict_requests())
 @example(request=tf_tensor([2**40], float_val=[1.0]))  # was: a 4 TiB fill, broadcast lazily
 @example(request=tf_tensor([2**40], 7, string_val=[b"a"]))  # was: the same, of objects
@@ -550,18 +553,19 @@ def test_tfserving_grpc_valid_tensors_decode_exactly(kind: Any, content: bool, d
     np.testing.assert_array_equal(decoded, array)
 
 
-@fuzz(400)
+@fuzz(600)
 @given(body=kserve_rest_bodies())
 @example(body=(b"[" * 100_000, None))  # was: RecursionError out of json.loads
 @example(body=(b"{}", "\N{SUPERSCRIPT TWO}"))  # was: ValueError: "²".isdigit(), int() refuses
 @example(body=(b"{}", "9" * 5000))  # was: ValueError: int() refuses 5000 digits
-@example(body=(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[0,1e30],"data":[]}]}', None))
 @example(
     body=kserve_body(inputs=[{"name": "x", "datatype": "FP32", "shape": [0, 10**30], "data": []}])
 )  # was: ValueError from reshape
 @example(body=kserve_body(parameters={"timeout": 10**400}))  # was: OverflowError
 @example(body=kserve_body(parameters={"timeout": float("nan")}))  # was: a NaN deadline
 async def test_kserve_rest_decode_answers_or_refuses(body: tuple[bytes, str | None]) -> None:
+    """Async only because a `timeout` becomes a deadline on the running loop."""
+
     def decode() -> InferRequest:
         header, blobs = kserve_rest.split_body(*body)
         document = json_tensors.parse(header)
@@ -572,9 +576,9 @@ async def test_kserve_rest_decode_answers_or_refuses(body: tuple[bytes, str | No
     assert_sane(outcome(decode))
 
 
-@fuzz(400)
+@fuzz(600)
 @given(body=tf_rest_bodies(), info=st.sampled_from(MODEL_INFOS))
-@example(body=b'{"instances": [' * 5000, info=MODEL_INFOS[0])
+@example(body=b'{"instances": [' * 5000, info=MODEL_INFOS[0])  # was: RecursionError
 @example(body=b'{"inputs": {"x": [0.0, 3.4028235677973366e+38]}}', info=MODEL_INFOS[0])
 # was: numpy's RuntimeWarning "overflow encountered in cast" (an error under -W error)
 def test_tfserving_rest_decode_answers_or_refuses(body: bytes, info: ModelInfo) -> None:
@@ -688,7 +692,7 @@ async def assert_http_serves(http: aiohttp.ClientSession) -> None:
 ECHO_NOT_UTF8 = protowire.delimited(1, b"echo") + NOT_UTF8
 
 
-@fuzz(150, end_to_end=True)
+@fuzz(200, end_to_end=True)
 @given(data=mangled(kserve_requests(MODELS)))
 @example(data=ECHO_NOT_UTF8)  # was: UNKNOWN "Unexpected <class 'DecodeError'>"
 async def test_kserve_grpc_answers_every_request_properly(channel, data: bytes) -> None:
@@ -698,7 +702,7 @@ async def test_kserve_grpc_answers_every_request_properly(channel, data: bytes) 
     await assert_grpc_serves(channel)
 
 
-@fuzz(60, end_to_end=True)
+@fuzz(80, end_to_end=True)
 @given(requests=st.lists(mangled(kserve_requests(MODELS)), min_size=1, max_size=4))
 @example(requests=[ECHO_NOT_UTF8])  # was: no answer at all, and the stream ended OK
 async def test_kserve_stream_answers_every_request_once(channel, requests: list[bytes]) -> None:
@@ -715,7 +719,7 @@ async def test_kserve_stream_answers_every_request_once(channel, requests: list[
     await assert_grpc_serves(channel)
 
 
-@fuzz(150, end_to_end=True)
+@fuzz(200, end_to_end=True)
 @given(data=mangled(predict_requests(MODELS)))
 async def test_tfserving_grpc_answers_every_request_properly(channel, data: bytes) -> None:
     answer = await grpc_answer(channel, PREDICT, data)
@@ -765,7 +769,7 @@ async def test_metadata_calls_answer_properly(channel, call: tuple[str, bytes]) 
     await assert_grpc_serves(channel)
 
 
-@fuzz(150, end_to_end=True)
+@fuzz(200, end_to_end=True)
 @given(
     model=MODELS,
     version=mostly(st.none(), st.sampled_from(["1", "2"]) | TEXT),
@@ -792,7 +796,7 @@ TF_TAILS = mostly(
 )
 
 
-@fuzz(150, end_to_end=True)
+@fuzz(200, end_to_end=True)
 @given(
     model=MODELS,
     tail=TF_TAILS,

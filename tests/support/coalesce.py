@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +43,8 @@ class Process:
         self.port = int(data["listen"].rpartition(":")[2]) if "listen" in data else free_port()
         self.admin_port = free_port()
         data = {"listen": f"127.0.0.1:{self.port}", "admin": f"127.0.0.1:{self.admin_port}", **data}
+        self.admin = data["admin"]
+        self.http = data.get("http")
         self.config = tmp / f"coalesce-{self.port}.yaml"
         self.config.write_text(yaml.safe_dump(data))
         self.log = tmp / f"coalesce-{self.port}.log"
@@ -68,16 +69,21 @@ class Process:
         self._wait_serving()
 
     def _wait_serving(self, timeout: float = 30) -> None:
+        """Until the gRPC port (bound once every backend is loaded) and the admin port
+        accept connections. Plain sockets: grpc's channel_ready_future leaves a polling
+        thread behind that raises once its channel is closed."""
         end = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"coalesce exited {self.proc.returncode}:\n{self.output()}")
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
-                    return
-                except grpc.FutureTimeoutError:
-                    continue
+        ports = [self.port, *([self.admin_port] if self.admin else [])]
+        ports += [int(self.http.rpartition(":")[2])] if self.http else []
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coalesce exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                for port in ports:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
         raise RuntimeError(f"coalesce did not start:\n{self.output()}")
 
     def output(self) -> str:
