@@ -122,8 +122,9 @@ class Backend:
     def _start(self, request: InferRequest) -> float:
         """When the request began (for its latency), and its span when tracing."""
         if self.tracer is not None:
-            request.span = self.tracer.request(request.route, self.name, request.rows,
-                                               request.trace)
+            request.span = self.tracer.request(
+                request.route, self.name, request.rows, request.trace
+            )
         return self._time()
 
     def _record(self, request: InferRequest, start: float, error: BaseException | None) -> None:
@@ -249,6 +250,12 @@ class Router:
         within `grace` seconds before they close.
         """
         fixed = [k for k in RESTART_KEYS if getattr(config, k) != getattr(self.config, k)]
+        fixed += [  # new certificate files are taken live; TLS on or off is a new listener
+            key
+            for key in ("tls", "admin_tls", "http")
+            if (getattr(config, key) is None) != (getattr(self.config, key) is None)
+            or (key == "http" and config.http != self.config.http)
+        ]
         if fixed:
             raise ReloadError([f"{key}: cannot change without a restart" for key in fixed])
         old = self.config.backends

@@ -92,8 +92,13 @@ async def test_a_bad_config_is_refused_and_the_old_one_serves_on(tmp_path):
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(ReloadError, match="backend 'z' cannot load"):
             await server.reload()
-        data["listen"] = "127.0.0.1:1"
+        data["http"] = "127.0.0.1:1"
         del data["backends"]["z"]
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ReloadError, match="http: cannot change without a restart"):
+            await server.reload()
+        del data["http"]
+        data["listen"] = "127.0.0.1:1"
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(ReloadError, match="listen: cannot change without a restart"):
             await server.reload()
@@ -102,7 +107,7 @@ async def test_a_bad_config_is_refused_and_the_old_one_serves_on(tmp_path):
         result = await client.infer("m", inputs(x=np.ones((1, 4), dtype=np.float32)))
         assert result.as_numpy("y")[0, 0] == 3
         await client.close()
-        assert server.router.metrics.reloads == {"error": 3}
+        assert server.router.metrics.reloads == {"error": 4}
     finally:
         await server.stop(grace=1)
 
