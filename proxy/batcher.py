@@ -156,7 +156,8 @@ class Batcher:
             raise self._failed(request.rows, exc) from exc
         finally:
             self._in_flight -= 1
-            self._wakeup.set()
+            if self._queued:  # else the scheduler has nothing to do: let it sleep
+                self._wakeup.set()
             self._settled.set()
 
     async def drain(self, timeout: float) -> None:

@@ -25,6 +25,8 @@ def merge(slices: Sequence[Slice]) -> Tensors:
     """One tensor per input name, rows in slice order; a lone whole request is not copied."""
     if len(slices) == 1:
         inputs, start, stop = slices[0]
+        if start == 0 and all(len(a) == stop for a in inputs.values()):
+            return inputs  # the whole of one request: no views needed
         return {name: a[start:stop] for name, a in inputs.items()}
     names = slices[0][0].keys()
     return {name: np.concatenate([s[0][name][s[1] : s[2]] for s in slices]) for name in names}
@@ -39,6 +41,8 @@ def split(outputs: Tensors, counts: Sequence[int], backend: str) -> list[Tensors
                 f"backend '{backend}' returned output '{name}' with shape {list(array.shape)} "
                 f"for a batch of {total} rows"
             )
+    if len(counts) == 1:
+        return [outputs]
     parts, start = [], 0
     for count in counts:
         parts.append({name: a[start : start + count] for name, a in outputs.items()})

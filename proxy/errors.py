@@ -134,11 +134,16 @@ def grpc_status(
             if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
                 raise request
             return await handler(self, request, context)
-        except CoalesceError as exc:
-            await context.abort(exc.code, exc.message)
         except Exception as exc:
-            log.exception("bug answering %s", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await abort(context, exc, handler.__name__)
         raise AssertionError("unreachable: abort() raises")
 
     return wrapper
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    """End a call with the error's status (raises); anything but a CoalesceError is a bug."""
+    if isinstance(exc, CoalesceError):
+        await context.abort(exc.code, exc.message)
+    log.error("bug answering %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import grpc
 
 from . import __version__, access, wire
-from .errors import grpc_status
+from .errors import CoalesceError, abort, grpc_status
 from .kserve_codec import decode, encode, requested_outputs
 from .kserve_stream import StreamSession
 from .request import InferRequest
@@ -45,9 +45,11 @@ class KServeService:
     def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
         """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
         backend = self.router.get(request.model_name, request.model_version)
-        route = access.route_of(self.router, request.model_name, request.model_version)
-        caller = access.GrpcCaller(context)
-        metadata = access.admit(self.router, route, caller, access.request_bytes())
+        metadata: tuple = ()
+        if request.model_version or request.model_name not in self.router.plain:
+            route = access.route_of(self.router, request.model_name, request.model_version)
+            caller = access.GrpcCaller(context)
+            metadata = access.admit(self.router, route, caller, access.request_bytes())
         info = backend.info()
         names = requested_outputs(request, info) if request.outputs else []
         left = context.time_remaining()
@@ -59,10 +61,17 @@ class KServeService:
             decoded.trace = carrier_of(context.invocation_metadata() or ())
         return Call(backend, decoded, names, version)
 
-    @grpc_status
     async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
-        call = self.prepare(request, context)
-        return encode(request, call.version, await call.backend.infer(call.request), call.names)
+        # grpc_status's wrapping inlined: this is the hottest coroutine of all
+        try:
+            if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
+                raise request
+            call = self.prepare(request, context)
+            outputs = await call.backend.infer(call.request)
+            return encode(request, call.version, outputs, call.names)
+        except Exception as exc:
+            await abort(context, exc, "ModelInfer")
+            raise AssertionError("unreachable: abort() raises") from exc
 
     async def ModelStreamInfer(self, requests, context: grpc.aio.ServicerContext):
         async for response in StreamSession(self, context).run(requests):

@@ -20,6 +20,7 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+@lru_cache(maxsize=64)
 def key(field: int) -> bytes:
     """The key of a length-delimited field (wire type 2)."""
     return varint(field << 3 | 2)

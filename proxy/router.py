@@ -195,6 +195,7 @@ class Router:
         self.config = config
         self.backends: dict[str, Backend] = {}
         self.routes: dict[str, Backend] = {}
+        self.plain: set[str] = set()
         self.metrics = Metrics()
         self.tracer = Tracer(config.tracing) if config.tracing else None
         self.table = RouteTable(config.routes)
@@ -239,7 +240,15 @@ class Router:
     def _set_routes(self, config: Config) -> None:
         self.table = RouteTable(config.routes)
         self._ordered = {r.model for r in config.routes if r.ordered}
-        self.routes = {m: self.backends[r.backend] for m, r in self.table.defaults().items()}
+        defaults = self.table.defaults()
+        self.routes = {m: self.backends[r.backend] for m, r in defaults.items()}
+        self.plain = {  # nothing to admit: no auth, no size limit, no metadata to forward
+            m
+            for m, r in defaults.items()
+            if r.auth is None
+            and r.max_request_bytes is None
+            and not config.backends[r.backend].forward_metadata
+        }
 
     async def reload(self, config: Config, grace: float) -> list[str]:
         """Switch to `config` (already validated) without dropping a request.

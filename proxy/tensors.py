@@ -86,17 +86,19 @@ def check_shape(shape: list[int] | tuple[int, ...], tensor: str) -> tuple[int, .
 def check_dims(shape: list[int] | tuple[int, ...], tensor: str) -> tuple[int, ...]:
     """Dimensions numpy can hold and a message can carry, refused before anything is
     allocated: no tensor of a 2 GiB message has 2**31 elements, even next to a 0."""
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor '{tensor}': shape {list(shape)} has a negative dimension")
-    if len(shape) > MAX_RANK:
+    dims = tuple(shape)
+    smallest = min(dims, default=1)
+    if smallest < 0:
+        raise InvalidArgument(f"tensor '{tensor}': shape {list(dims)} has a negative dimension")
+    if len(dims) > MAX_RANK:
         raise InvalidArgument(
-            f"tensor '{tensor}': {len(shape)} dimensions, at most {MAX_RANK} are supported"
+            f"tensor '{tensor}': {len(dims)} dimensions, at most {MAX_RANK} are supported"
         )
-    if prod(d for d in shape if d) > MAX_ELEMENTS:
+    if (prod(dims) if smallest else prod(d for d in dims if d)) > MAX_ELEMENTS:
         raise InvalidArgument(
-            f"tensor '{tensor}': shape {list(shape)} is too large (over {MAX_ELEMENTS} elements)"
+            f"tensor '{tensor}': shape {list(dims)} is too large (over {MAX_ELEMENTS} elements)"
         )
-    return tuple(shape)
+    return dims
 
 
 def decode_bytes(raw: bytes, count: int, tensor: str) -> np.ndarray:
