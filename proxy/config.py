@@ -413,17 +413,22 @@ class RemoteBackend(_Backend):
         return self.target or ",".join(self.targets or ())
 
 
-class LocalBackend(_Backend):
-    """An in-process Python model."""
-
-    type: Literal["local"]
+class _PythonModel(_Backend):
     model: str = Field(
         description="'module:factory'; the factory returns a callable taking and returning "
-        "dict[str, numpy.ndarray] (or an object with such a __call__; async allowed)."
+        "dict[str, numpy.ndarray] (or an object with such a __call__; async allowed in-process)."
     )
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments to the factory."
     )
+
+    _check_model = field_validator("model")(classmethod(lambda cls, v: _check_import_path(v)))
+
+
+class LocalBackend(_PythonModel):
+    """An in-process Python model."""
+
+    type: Literal["local"]
     threads: int | None = Field(
         None, ge=1, description="Threads running a blocking model; default max_in_flight."
     )
@@ -431,8 +436,6 @@ class LocalBackend(_Backend):
         False,
         description="Call the model on the event loop: only for models that take microseconds.",
     )
-
-    _check_model = field_validator("model")(classmethod(lambda cls, v: _check_import_path(v)))
 
 
 class TritonBackend(RemoteBackend):
@@ -467,17 +470,11 @@ class GrpcBackend(RemoteBackend):
         return None if value is None else _check_import_path(value)
 
 
-class PythonBackend(_Backend):
-    """A Python model that Coalesce runs in worker processes of its own (adapters/python.py)."""
+class PythonBackend(_PythonModel):
+    """A Python model that Coalesce runs in worker processes of its own (adapters/python.py);
+    `model` is imported in each worker."""
 
     type: Literal["python"]
-    model: str = Field(
-        description="'module:factory', imported in each worker; the factory returns a callable "
-        "taking and returning dict[str, numpy.ndarray]."
-    )
-    args: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments to the factory."
-    )
     processes: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
@@ -496,8 +493,6 @@ class PythonBackend(_Backend):
         "retried once on another; default timeout_ms, else 60000.",
     )
     start_timeout_s: float = Field(60.0, gt=0, description="Longest a worker may load the model.")
-
-    _check_model = field_validator("model")(classmethod(lambda cls, v: _check_import_path(v)))
 
     @model_validator(mode="before")
     @classmethod
