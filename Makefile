@@ -1,13 +1,25 @@
 # `make test` is the one test command (README, CI): it installs what the tests need
-# (the package with its test extras; the tests fetch a real Triton server themselves).
+# (the package with its test extras; Debian's chromium for the dashboard test; the tests
+# fetch a real Triton server themselves).
 PYTHON ?= python3
+APT_GET := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: install test bench
+.PHONY: install test bench browser
+
 install:
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,tracing]'
 
-test: install
+# The dashboard test runs in a real headless Chromium; without one it is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ -n "$(APT_GET)" ] && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: no chromium; the dashboard browser test will be skipped"
+
+test: install browser
 	$(PYTHON) -m pytest -q
 
+# The load generator is C on libnghttp2 (Debian's libnghttp2-dev).
 bench: install
+	@[ -e /usr/include/nghttp2/nghttp2.h ] || { [ -n "$(APT_GET)" ] && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq libnghttp2-dev >/dev/null; }
 	$(PYTHON) -m benchmarks.run
