@@ -317,7 +317,7 @@ class Batcher:
         if traced is not None:  # the batch's own trace context replaces the caller's
             kept = tuple(p for p in metadata if p[0] not in forwarding.TRACE_CONTEXT)
             metadata = kept + traced.headers
-        sent = forwarding.sending(metadata)
+        sent = forwarding.sending(metadata) if metadata else None
         call = self._call(inputs, timeout)
         stats.batch_size.observe(rows)
         error: BaseException | None = None
@@ -335,7 +335,8 @@ class Batcher:
             raise
         finally:
             stats.call.observe(self._loop.time() - start)
-            forwarding.done(sent)
+            if sent is not None:
+                forwarding.done(sent)
             if traced is not None:
                 traced.end(rows, error)
 

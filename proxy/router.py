@@ -17,7 +17,7 @@ from .config import Backend as BackendSpec
 from .config import Config
 from .errors import CoalesceError, NotFound, Unavailable
 from .forwarding import batch_key
-from .metrics import Metrics
+from .metrics import Metrics, RouteStats
 from .request import InferRequest, ModelInfo, Tensors
 from .routing import RouteTable
 from .tensors import check_inputs
@@ -83,6 +83,7 @@ class Backend:
         self.metrics = metrics or Metrics()
         self._accepted: set[tuple] = set()
         self.count = True  # per-request metrics; see config `metrics`
+        self._route_stats: dict[str, RouteStats] = {}
         self.tracer: Tracer | None = None  # see config `tracing`
         self._released = False
         self._time = asyncio.get_running_loop().time
@@ -130,7 +131,11 @@ class Backend:
     def _record(self, request: InferRequest, start: float, error: BaseException | None) -> None:
         if self.count:
             code = "OK" if error is None else _code(error)
-            stats = self.metrics.route(request.route, self.name)
+            stats = self._route_stats.get(request.route)
+            if stats is None:
+                stats = self._route_stats[request.route] = self.metrics.route(
+                    request.route, self.name
+                )
             stats.record(code, request.rows, self._time() - start)
         if request.span is not None:
             self.tracer.finish(request.span, error)
