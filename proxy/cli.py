@@ -32,8 +32,12 @@ def check(args: argparse.Namespace) -> int:
 
 def _reader(args: argparse.Namespace) -> Callable[[], config_module.Config]:
     """Reads the config file with the command line's overrides (again on every reload)."""
-    overrides = {"listen": args.listen, "admin": args.admin, "http": args.http,
-                 "workers": args.workers}
+    overrides = {
+        "listen": args.listen,
+        "admin": args.admin,
+        "http": args.http,
+        "workers": args.workers,
+    }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if args.worker_index:  # only worker 0 serves the admin port
         overrides["admin"] = None
@@ -83,7 +87,15 @@ def serve(args: argparse.Namespace) -> int:
 def health(args: argparse.Namespace) -> int:
     from .health_check import run
 
-    return run(args.address, args.service, args.timeout)
+    return run(
+        args.address,
+        args.service,
+        args.timeout,
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
+        server_name=args.tls_server_name,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     health_cmd.add_argument(
         "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)"
     )
+    health_cmd.add_argument("--tls-ca", help="PEM CA bundle: check over TLS, trusting it")
+    health_cmd.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    health_cmd.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    health_cmd.add_argument("--tls-server-name", help="the name to expect on the certificate")
     health_cmd.set_defaults(run=health)
     return parser
 

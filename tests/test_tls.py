@@ -312,3 +312,24 @@ async def test_a_real_triton_over_mutual_tls(pki):
             await grpc_infer_model(server.port, "m")
     finally:
         await asyncio.to_thread(triton.stop)
+
+
+def test_coalesce_health_speaks_tls_and_mutual_tls(pki, coalesce_process):
+    """`coalesce health --tls-*` against a server with `tls:` (mutual TLS required)."""
+    import subprocess
+    import sys
+
+    proxy = coalesce_process({**AFFINE, "tls": pki.tls(mutual=True)})
+
+    def health(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "coalesce.cli", "health", "--address", proxy.url, *flags],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    client = ["--tls-cert", str(pki.alice.cert), "--tls-key", str(pki.alice.key)]
+    good = health("--tls-ca", str(pki.ca.path), *client, "--tls-server-name", "localhost")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "SERVING" in good.stdout
+    assert health("--tls-ca", str(pki.ca.path), "--tls-server-name", "localhost").returncode == 1
+    assert health().returncode == 1  # plaintext against a TLS port
