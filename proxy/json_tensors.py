@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgument
-from .request import InferRequest, Tensors
 from .tensors import BF16, DTYPES, dtype_of
 
 # numpy's kind for what json.loads gives, per datatype: b bool, i/u int, f float.
@@ -145,20 +144,3 @@ def _json_string(item: Any, tensor: str, b64: bool | None) -> Any:
                     f"output '{tensor}': BYTES element is not UTF-8; ask for it as binary data"
                 ) from None
     return {"b64": base64.b64encode(data).decode()}
-
-
-def request_of(tensors: Tensors, deadline: float | None, request_id: str = "") -> InferRequest:
-    """The internal request, once every input agrees on a non-zero batch dimension."""
-    if not tensors:
-        raise InvalidArgument("inputs: the request has no input tensors")
-    for name, array in tensors.items():
-        if array.ndim == 0:
-            raise InvalidArgument(f"tensor '{name}': needs a batch dimension (it is a scalar)")
-    rows = {len(a) for a in tensors.values()}
-    if len(rows) > 1:
-        sizes = ", ".join(f"{n}: {len(a)}" for n, a in tensors.items())
-        raise InvalidArgument(f"inputs disagree on the batch dimension ({sizes})")
-    count = rows.pop()
-    if count == 0:
-        raise InvalidArgument(f"tensor '{next(iter(tensors))}': batch dimension is 0")
-    return InferRequest(tensors, count, deadline, request_id)

@@ -18,10 +18,10 @@ from aiohttp import web
 
 from . import __version__, access
 from .errors import InvalidArgument
-from .json_tensors import dumps, parse, request_of, to_array, to_json
+from .json_tensors import dumps, parse, to_array, to_json
 from .request import InferRequest, ModelInfo, Tensors, TensorSpec
 from .router import Router
-from .tensors import check_shape, datatype_of, from_raw, to_raw
+from .tensors import check_shape, datatype_of, from_raw, request_of, to_raw
 from .tracing import carrier_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

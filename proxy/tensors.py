@@ -13,7 +13,7 @@ from math import prod
 import numpy as np
 
 from .errors import InvalidArgument
-from .request import Tensors, TensorSpec
+from .request import InferRequest, Tensors, TensorSpec
 
 BF16 = np.dtype([("bf16", "<u2")])
 
@@ -199,3 +199,20 @@ def check_inputs(inputs: Tensors, specs: tuple[TensorSpec, ...], model: str) -> 
                 f"tensor '{name}': shape {list(array.shape)}, model '{model}' expects "
                 f"{list(spec.shape)}"
             )
+
+
+def request_of(tensors: Tensors, deadline: float | None, request_id: str = "") -> InferRequest:
+    """The internal request, once every input agrees on a non-zero batch dimension."""
+    if not tensors:
+        raise InvalidArgument("inputs: the request has no input tensors")
+    for name, array in tensors.items():
+        if array.ndim == 0:
+            raise InvalidArgument(f"tensor '{name}': needs a batch dimension (shape is [])")
+    rows = {len(a) for a in tensors.values()}
+    if len(rows) > 1:
+        sizes = ", ".join(f"{n}: {len(a)}" for n, a in tensors.items())
+        raise InvalidArgument(f"inputs disagree on the batch dimension ({sizes})")
+    count = rows.pop()
+    if count == 0:
+        raise InvalidArgument(f"tensor '{next(iter(tensors))}': batch dimension is 0")
+    return InferRequest(tensors, count, deadline, request_id)

@@ -27,6 +27,7 @@ from .config import Route
 from .errors import CoalesceError, InvalidArgument, NotFound, grpc_status
 from .request import InferRequest, ModelInfo, Tensors, TensorSpec
 from .router import Backend, Router
+from .tensors import request_of
 from .tf_tensors import fill_proto, kserve_to_tf, to_array
 from .tracing import carrier_of
 
@@ -92,17 +93,7 @@ def decode(inputs: Any, deadline: float | None) -> InferRequest:
     if not inputs:
         raise InvalidArgument("inputs: the request has no input tensors")
     tensors: Tensors = {name: to_array(proto, name) for name, proto in inputs.items()}
-    for name, array in tensors.items():
-        if array.ndim == 0:
-            raise InvalidArgument(f"tensor '{name}': needs a batch dimension (shape is [])")
-    counts = {len(a) for a in tensors.values()}
-    if len(counts) > 1:
-        sizes = ", ".join(f"{n}: {len(a)}" for n, a in tensors.items())
-        raise InvalidArgument(f"inputs disagree on the batch dimension ({sizes})")
-    count = counts.pop()
-    if count == 0:
-        raise InvalidArgument(f"tensor '{next(iter(tensors))}': batch dimension is 0")
-    return InferRequest(tensors, count, deadline)
+    return request_of(tensors, deadline)
 
 
 def output_names(output_filter: Any, info: ModelInfo, model: str) -> list[str]:

@@ -28,9 +28,10 @@ from google.protobuf.json_format import MessageToDict
 from . import access, wire
 from .config import Route
 from .errors import CoalesceError, InvalidArgument, NotFound
-from .json_tensors import dumps, infer_datatype, parse, request_of, to_array, to_json
+from .json_tensors import dumps, infer_datatype, parse, to_array, to_json
 from .request import ModelInfo, Tensors
 from .router import Router
+from .tensors import request_of
 from .tfserving_grpc import Target, resolve, served_version, signature_def_map
 from .tracing import carrier_of
 

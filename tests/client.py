@@ -8,6 +8,22 @@ from coalesce import wire
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
+NUMERIC = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+"""KServe numeric datatypes and their numpy types, as the tests expect them."""
+
 
 def inputs(**arrays: np.ndarray) -> list[tc.InferInput]:
     """tritonclient InferInputs from named arrays (datatype from the dtype)."""

@@ -40,7 +40,7 @@ from coalesce import json_tensors, kserve_codec, kserve_rest, protowire, tfservi
 from coalesce import tfserving_rest as tf_rest
 from coalesce.errors import CoalesceError
 from coalesce.request import InferRequest, ModelInfo, TensorSpec
-from coalesce.tensors import BF16, CONTENTS_FIELD, DTYPES, to_raw
+from coalesce.tensors import BF16, CONTENTS_FIELD, DTYPES, request_of, to_raw
 from coalesce.tf_tensors import TF_TYPES, fill_proto, to_array
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -584,7 +584,7 @@ async def test_kserve_rest_decode_answers_or_refuses(body: tuple[bytes, str | No
 def test_tfserving_rest_decode_answers_or_refuses(body: bytes, info: ModelInfo) -> None:
     def decode() -> InferRequest:
         tensors, _ = tf_rest.decode(tf_rest._object(body), info, "m")
-        return json_tensors.request_of(tensors, None)
+        return request_of(tensors, None)
 
     assert_sane(outcome(decode))
 

@@ -11,6 +11,7 @@ from coalesce import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.client import NUMERIC as NUMERIC_TYPES
 from tests.client import inputs, raw_infer
 from tests.conftest import local_backend
 
@@ -28,20 +29,6 @@ NUMERIC = [
     "FP32",
     "FP64",
 ]
-DTYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +72,7 @@ def sample(datatype: str, shape=(3, 2)) -> np.ndarray:
         if datatype == "BOOL"
         else (np.arange(np.prod(shape)).reshape(shape) * 3 + 1)
     )
-    return values.astype(DTYPES[datatype])
+    return values.astype(NUMERIC_TYPES[datatype])
 
 
 @pytest.mark.parametrize("datatype", NUMERIC)
@@ -122,7 +109,9 @@ def test_typed_contents_are_accepted_and_answered_raw(channel, datatype):
     response = raw_infer(channel, request)
     assert response.id == "typed"
     assert list(response.outputs[0].shape) == [2, 3]
-    out = np.frombuffer(response.raw_output_contents[0], dtype=DTYPES[datatype]).reshape(2, 3)
+    out = np.frombuffer(response.raw_output_contents[0], dtype=NUMERIC_TYPES[datatype]).reshape(
+        2, 3
+    )
     np.testing.assert_array_equal(out, x)
 
 

@@ -19,24 +19,10 @@ from coalesce import config as config_module
 from coalesce.server import Server
 from tritonclient.utils import InferenceServerException
 
-from tests.client import affine_expected, inputs
+from tests.client import NUMERIC, affine_expected, inputs
 from tests.conftest import local_backend, model_of, running
 from tests.support.coalesce import free_port
 
-NUMERIC = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
