@@ -135,6 +135,24 @@ class Worker:
             self._shared = -1
 
 
+# Variables that size math libraries' thread pools (OpenMP, OpenBLAS, MKL).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_environ() -> dict[str, str]:
+    """Our environment with one math-library thread per worker, unless the operator chose.
+
+    There is a worker per core already: each sizing its BLAS pool to the core count
+    oversubscribes the machine, and OpenBLAS's idle threads spin (measured beside a
+    small MLP in Triton's python backend: 1.75 ms of CPU per call with its default
+    pool, 0.37 ms with one thread). Ray sets the same default for its workers.
+    """
+    env = dict(os.environ)
+    for variable in THREAD_VARIABLES:
+        env.setdefault(variable, "1")
+    return env
+
+
 async def start_worker(name: str, config: PythonBackend, lifeline: int) -> Worker:
     """A worker with the model loaded, or StartFailed saying why not."""
     python = config.python or sys.executable
@@ -150,6 +168,7 @@ async def start_worker(name: str, config: PythonBackend, lifeline: int) -> Worke
             f"backend={name}",  # for ps; the worker ignores it
             pass_fds=fds,
             stdin=asyncio.subprocess.DEVNULL,
+            env=worker_environ(),
         )
     except OSError as exc:
         ours.close()

@@ -67,6 +67,22 @@ class Versions:
         return {"version": out, "y": 2 * inputs["x"] + 1}
 
 
+class Environment:
+    """Answers `name` from the worker's environment (empty when unset), once per row."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, inputs: dict) -> dict:
+        out = np.empty((len(inputs["x"]), 1), dtype=object)
+        out[:] = os.environ.get(self.name, "").encode()
+        return {"value": out}
+
+
+def environment(name: str) -> Environment:
+    return Environment(name)
+
+
 def affine(delay_ms: float = 0.0) -> Affine:
     return Affine(delay_ms)
 

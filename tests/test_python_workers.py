@@ -271,6 +271,33 @@ def test_workers_may_run_another_interpreter_with_numpy_1(coalesce_process):
     np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
 
 
+@pytest.mark.parametrize("chosen", [None, "3"])
+def test_workers_get_one_math_thread_unless_the_operator_chose(
+    coalesce_process, monkeypatch, chosen
+):
+    from coalesce.adapters.python_process import THREAD_VARIABLES
+
+    for variable in THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    if chosen:
+        monkeypatch.setenv("OMP_NUM_THREADS", chosen)
+    backends = {
+        variable: python_backend("environment", args={"name": variable}, processes=1)
+        for variable in THREAD_VARIABLES
+    }
+    routes = [{"model": variable, "backend": variable} for variable in THREAD_VARIABLES]
+    proxy = coalesce_process({"backends": backends, "routes": routes})
+    seen = {}
+    with tc.InferenceServerClient(proxy.url) as client:
+        for variable in THREAD_VARIABLES:
+            result = client.infer(variable, inputs(x=row(1)))
+            seen[variable] = result.as_numpy("value")[0, 0].decode()
+    expected = dict.fromkeys(THREAD_VARIABLES, "1")
+    if chosen:
+        expected["OMP_NUM_THREADS"] = chosen
+    assert seen == expected
+
+
 def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_batch(coalesce_process):
     proxy = coalesce_process(one_backend(python_backend("affine", processes=2)))
     before = children(proxy.proc.pid)
