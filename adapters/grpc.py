@@ -93,6 +93,8 @@ def _specs(items: Any) -> tuple[TensorSpec, ...]:
 class GrpcAdapter:
     """Sends each batch as one unary call, encoded by the backend's codec."""
 
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+
     def __init__(self, name: str, config: GrpcBackend) -> None:
         self.name = name
         self.config = config

@@ -49,6 +49,8 @@ def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
 
 
 class TFServingAdapter:
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+
     def __init__(self, name: str, config: TFServingBackend) -> None:
         self.name = name
         self.config = config

@@ -36,6 +36,8 @@ def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
 
 
 class TritonAdapter:
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+
     def __init__(self, name: str, config: TritonBackend) -> None:
         self.name = name
         self.config = config

@@ -194,13 +194,34 @@ def triton_route(triton, model: str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def helper_server(module: str, *args: str) -> Iterator[tuple[str, int]]:
+    """`python -m benchmarks.<module> PORT ARGS...` on a free port: (address, pid)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"benchmarks.{module}", str(port), *args], cwd=ROOT
+    )
+    try:
+        time.sleep(1.5)
+        yield f"127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def scenario_gain(args, tmp: Path) -> list[dict]:
-    """1. Batching gain: Triton with batching off, direct vs through Coalesce."""
-    with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
+    """1. Batching gain: Triton with batching off, direct vs through Coalesce; and, for
+    the latency at c=1, vs the floor of any Python hop (benchmarks/passthrough.py)."""
+    with (
+        triton_server() as triton,
+        coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy,
+        helper_server("passthrough", triton.grpc_url) as (hop, hop_pid),
+    ):
         requests, expected = workload("bench_mlp")
         targets = [
             ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
             ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
+            ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
         with _workers(triton, args, tmp) as extra:
             return compare("gain", targets + extra(requests, expected), [1, 8, 64, 256], args)
@@ -248,27 +269,15 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
     response.raw_output_contents.append(xs[0:1].tobytes())
     response_file = tmp / "response.bin"
     response_file.write_bytes(response.SerializeToString())
-    port = free_port()
-    empty = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.empty_server", str(port), str(response_file)], cwd=ROOT
-    )
-    try:
-        time.sleep(1.5)
-        with coalesce(config, tmp) as proxy:
-            targets = [
-                (
-                    "empty grpc.aio server",
-                    f"127.0.0.1:{port}",
-                    empty.pid,
-                    requests,
-                    [expected[0]] * 256,
-                ),
-                ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
-            ]
-            return compare("overhead", targets, [1, 64, 256], args)
-    finally:
-        empty.terminate()
-        empty.wait()
+    with (
+        helper_server("empty_server", str(response_file)) as (empty, empty_pid),
+        coalesce(config, tmp) as proxy,
+    ):
+        targets = [
+            ("empty grpc.aio server", empty, empty_pid, requests, [expected[0]] * 256),
+            ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
+        ]
+        return compare("overhead", targets, [1, 64, 256], args)
 
 
 def scenario_metrics(args, tmp: Path) -> list[dict]:

@@ -29,7 +29,10 @@ class Adapter(Protocol):
         """Connect or load; an unreachable backend must not raise here (ready() says so)."""
 
     async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
-        """Run one batch: inputs and outputs share the first (row) dimension."""
+        """Run one batch: inputs and outputs share the first (row) dimension.
+
+        An adapter whose call enforces `timeout` itself (a gRPC deadline) says so with a
+        class attribute `keeps_timeout = True`; else the batcher bounds the call."""
 
     async def ready(self) -> bool:
         """Whether the backend can serve now."""

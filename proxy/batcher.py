@@ -71,13 +71,17 @@ class Batcher:
         policy: Batching,
         *,
         timeout_s: float | None = None,
+        call_keeps_timeout: bool = False,
         backend_limit: Callable[[], int | None] = lambda: None,
         stats: BackendStats | None = None,
     ) -> None:
+        """`call_keeps_timeout`: the call enforces its `timeout` argument itself (a gRPC
+        deadline), so it is not also wrapped in asyncio.wait_for, a task per call."""
         self.name = name
         self._call = call
         self._policy = policy
         self._timeout_s = timeout_s
+        self._call_keeps_timeout = call_keeps_timeout
         self._backend_limit = backend_limit
         self.stats = stats or BackendStats()
         self.tracer: Tracer | None = None  # set by the router when tracing is on
@@ -270,7 +274,7 @@ class Batcher:
         deadlines = [p.request.deadline for p, _, _ in slices]
         timeout = self._timeout_s
         if None not in deadlines:
-            left = max(deadlines) - self._loop.time()  # type: ignore[type-var]
+            left = max(max(deadlines) - self._loop.time(), 0.0)  # type: ignore[type-var]
             timeout = left if timeout is None else min(timeout, left)
         return timeout
 
@@ -322,9 +326,9 @@ class Batcher:
         stats.batch_size.observe(rows)
         error: BaseException | None = None
         try:
-            if timeout is None:
+            if timeout is None or self._call_keeps_timeout:
                 return await call
-            return await asyncio.wait_for(call, max(timeout, 0))
+            return await asyncio.wait_for(call, timeout)
         except TimeoutError:
             error = DeadlineExceeded(
                 f"backend '{self.name}' did not answer within {timeout * 1000:.0f} ms"

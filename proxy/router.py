@@ -231,6 +231,7 @@ class Router:
             adapter.infer,
             spec.batching,
             timeout_s=timeout,
+            call_keeps_timeout=getattr(adapter, "keeps_timeout", False),
             backend_limit=lambda a=adapter: a.max_batch_size,
             stats=self.metrics.backend(name),
         )

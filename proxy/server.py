@@ -8,6 +8,7 @@ backends close (failing whatever is left UNAVAILABLE) and the process exits.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -29,6 +30,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def freeze_heap() -> int:
+    """Put every object alive now out of the cycle collector's reach (gc.freeze).
+
+    The modules, config and backends loaded at start are most of the heap and live
+    until exit, yet each full collection walked them all: 28 ms a pass under load
+    here, which was the p99 (c=64 through Triton: 37 ms, 12 ms frozen). Objects
+    frozen are still freed by reference counting; only cycles among them stay.
+    """
+    gc.collect()
+    gc.freeze()
+    count = gc.get_freeze_count()
+    log.info("heap frozen: %d objects out of the collector's reach", count)
+    return count
+
+
 class Server:
     """One serving process; `start()` then `stop()`, or `run()` until a signal."""
 
@@ -46,6 +62,7 @@ class Server:
         self._health_tasks: set[asyncio.Task] = set()
         self._publisher: asyncio.Task | None = None
         self._tls: dict[str, ServerCertificates] = {}  # by listener: grpc, http, admin
+        self._frozen = False  # see freeze_heap; run() only, never a test's shared heap
 
     async def start(self) -> None:
         for route in self.config.routes:
@@ -160,7 +177,13 @@ class Server:
                 config = self._source()
             except ConfigError as exc:
                 raise ReloadError(exc.problems) from exc
-            changes = await self.router.reload(config, self.config.grace_period_s)
+            if self._frozen:  # what the old config held may become cyclic garbage now
+                gc.unfreeze()
+            try:
+                changes = await self.router.reload(config, self.config.grace_period_s)
+            finally:
+                if self._frozen:
+                    freeze_heap()
         except ReloadError as exc:
             self.router.metrics.reloads["error"] = self.router.metrics.reloads.get("error", 0) + 1
             log.error("reload refused, the old config keeps serving: %s", exc)
@@ -184,5 +207,7 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await self.start()
+        freeze_heap()
+        self._frozen = True
         await stop.wait()
         await self.stop()

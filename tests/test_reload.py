@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -204,6 +205,25 @@ def test_post_reload_reports_a_bad_config(coalesce_process):
     status, body = post_reload(proxy.admin_port)
     assert status == 400
     assert "backends.a.model: required" in body["problems"]
+    with tc.InferenceServerClient(proxy.url) as client:
+        result = client.infer("m", inputs(x=np.ones((1, 4), dtype=np.float32)))
+    assert result.as_numpy("y")[0, 0] == 3
+
+
+def test_serve_freezes_its_heap_at_start_and_again_after_a_reload(coalesce_process):
+    """gc.freeze keeps full collections off the long-lived heap (p99; see freeze_heap)."""
+
+    def frozen() -> list[int]:
+        return [int(n) for n in re.findall(r"heap frozen: (\d+) objects", proxy.output())]
+
+    proxy = coalesce_process(base())
+    assert len(frozen()) == 1 and frozen()[0] > 10_000  # modules, config, backends
+    config = yaml.safe_load(proxy.config.read_text())
+    config["backends"]["a"]["batching"] = {"max_batch_size": 5}
+    proxy.config.write_text(yaml.safe_dump(config))
+    status, body = post_reload(proxy.admin_port)
+    assert status == 200, body
+    assert len(frozen()) == 2 and frozen()[1] > 10_000
     with tc.InferenceServerClient(proxy.url) as client:
         result = client.infer("m", inputs(x=np.ones((1, 4), dtype=np.float32)))
     assert result.as_numpy("y")[0, 0] == 3

@@ -31,6 +31,7 @@ def proxy(triton, tmp_path_factory):
     models = ["affine", "affine_nobatch", "slow_affine", "bytes_echo", "int_ops"]
     backends = {m: triton_backend(triton, m) for m in models}
     backends["big"] = triton_backend(triton, "affine", batching={"max_batch_size": 200})
+    backends["slow_bounded"] = triton_backend(triton, "slow_affine", timeout_ms=60)
     routes = [{"model": m, "backend": m} for m in backends]
     routes.append({"model": "affine-v2", "backend": "affine"})
     process = Process({"backends": backends, "routes": routes}, tmp_path_factory.mktemp("proxy"))
@@ -211,6 +212,20 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached")
+
+
+def test_a_triton_call_ends_at_timeout_ms(triton, proxy):
+    """Bounded by the gRPC deadline of the call to Triton (the adapter keeps the timeout)."""
+    x = np.ones((1, 4), dtype=np.float32)
+    with tc.InferenceServerClient(proxy.url) as client:
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("slow_bounded", inputs(x=x))
+        elapsed = time.monotonic() - start
+    assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert "backend 'slow_bounded'" in error.value.message()
+    assert elapsed < 0.17  # the model takes 0.2 s
+    time.sleep(0.3)  # let Triton finish, for the tests that count its executions
 
 
 def test_health_follows_triton_going_away_and_coming_back(coalesce_process):
