@@ -18,6 +18,11 @@ SRC = Path(__file__).resolve().parent / "loadgen" / "loadgen.c"
 BIN = SRC.parent / "build" / "loadgen"  # build/ is gitignored
 
 
+def can_build() -> bool:
+    """Whether the binary exists or the libnghttp2 headers to compile it do."""
+    return BIN.exists() or Path("/usr/include/nghttp2/nghttp2.h").exists()
+
+
 def build(force: bool = False) -> Path:
     """Compile the binary if missing or older than its source (needs libnghttp2-dev)."""
     if force or not BIN.exists() or BIN.stat().st_mtime < SRC.stat().st_mtime:

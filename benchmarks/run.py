@@ -120,12 +120,19 @@ def median_of(runs: list[dict]) -> dict:
 Target = tuple[str, str, int, list[bytes], list[bytes]]  # (label, url, pid, requests, expected)
 
 
-def compare(scenario: str, targets: list[Target], concurrencies: list[int], args) -> list[dict]:
-    """Every target at every concurrency, `repeats` times, alternating targets."""
+def compare(
+    scenario: str, targets: list[Target], concurrencies: list[int], args, rates: tuple = ()
+) -> list[dict]:
+    """Every target at every load, `repeats` times, alternating targets.
+
+    A load is a closed-loop concurrency, or (`rates`) an open-loop rate in requests/s:
+    CPU per request falls as load rises (each wakeup serves more requests), so servers
+    are compared for cost at the same rate, not only at the same concurrency."""
     if args.concurrencies:
         concurrencies = [int(c) for c in args.concurrencies.split(",")]
+    loads = [(c, None) for c in concurrencies] + [(64, float(r)) for r in rates]
     rows = []
-    for c in concurrencies:
+    for c, rate in loads:
         runs: dict[str, list[dict]] = {t[0]: [] for t in targets}
         for _ in range(args.repeats):
             for label, url, pid, requests, expected in targets:
@@ -138,6 +145,7 @@ def compare(scenario: str, targets: list[Target], concurrencies: list[int], args
                         concurrency=c,
                         duration=args.duration,
                         warmup=args.warmup,
+                        rate=rate,
                     )
                 )
         base = median_of(runs[targets[0][0]])
@@ -145,27 +153,32 @@ def compare(scenario: str, targets: list[Target], concurrencies: list[int], args
             row = {
                 "scenario": scenario,
                 "target": label,
-                "concurrency": c,
+                "concurrency": c if rate is None else f"{rate:.0f}/s",
                 **median_of(runs[label]),
             }
             row["x_baseline_rps"] = row["throughput_rps"] / max(base["throughput_rps"], 1e-9)
+            row["x_baseline_cpu"] = row["server_cpu_us_per_req"] / max(
+                base["server_cpu_us_per_req"], 1e-9
+            )
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
 
 
 def format_row(row: dict) -> str:
+    cpu_ratio = f"{row['x_baseline_cpu']:.2f}x" if "x_baseline_cpu" in row else "—"
     return (
         f"| {row['scenario']} | {row['target']} | {row['concurrency']} | "
         f"{row['throughput_rps']:,.0f} | {row['x_baseline_rps']:.2f}x | {row['p50_ms']:.2f} | "
-        f"{row['p99_ms']:.2f} | {row['server_cpu_us_per_req']:.0f} | "
+        f"{row['p99_ms']:.2f} | {row['server_cpu_us_per_req']:.0f} | {cpu_ratio} | "
         f"{row['loadgen_cpu_us_per_req']:.0f} | {row['mismatches']} |"
     )
 
 
 HEADER = (
     "| scenario | target | c | req/s | vs baseline | p50 ms | p99 ms | server CPU µs/req | "
-    "loadgen CPU µs/req | wrong answers |\n|---|---|---|---|---|---|---|---|---|---|"
+    "CPU vs baseline | loadgen CPU µs/req | wrong answers |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -277,7 +290,7 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
             ("empty grpc.aio server", empty, empty_pid, requests, [expected[0]] * 256),
             ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
         ]
-        return compare("overhead", targets, [1, 64, 256], args)
+        return compare("overhead", targets, [1, 64, 256], args, rates=(4000,))
 
 
 def scenario_metrics(args, tmp: Path) -> list[dict]:
@@ -296,6 +309,28 @@ def scenario_metrics(args, tmp: Path) -> list[dict]:
         targets = [("coalesce, metrics off", off.url, off.proc.pid, requests, expected),
                    ("coalesce, metrics on", on.url, on.proc.pid, requests, expected)]
         return compare("metrics", targets, [64], args)
+
+
+POLICIES = {
+    "default policy": {},
+    "max_delay_ms: 2": {"max_delay_ms": 2},
+    "max_in_flight: 2": {"max_in_flight": 2},
+    "max_batch_size: 16": {"max_batch_size": 16},
+}
+
+
+def scenario_policy(args, tmp: Path) -> list[dict]:
+    """6. The batching knobs: Coalesce -> Triton (batching off) with each one changed."""
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(triton_server())
+        requests, expected = workload("bench_mlp")
+        targets = []
+        for label, batching in POLICIES.items():
+            config = triton_route(triton, "bench_mlp")
+            config["backends"]["mlp"]["batching"] = batching
+            proxy = stack.enter_context(coalesce(config, tmp))
+            targets.append((label, proxy.url, proxy.proc.pid, requests, expected))
+        return compare("policy", targets, [1, 64], args)
 
 
 def scenario_streaming(args, tmp: Path) -> list[dict]:
@@ -353,6 +388,7 @@ SCENARIOS: dict[str, Callable] = {
     "overhead": scenario_overhead,
     "streaming": scenario_streaming,
     "metrics": scenario_metrics,
+    "policy": scenario_policy,
 }
 
 
