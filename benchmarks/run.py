@@ -274,14 +274,7 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
         },
         "routes": [{"model": "bench_mlp", "backend": "echo"}],
     }
-    xs = bench_model.inputs(256)
-    requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
-    expected = [xs[i : i + 1].tobytes() for i in range(256)]
-    response = wire.ModelInferResponse(model_name="bench_mlp", model_version="1")
-    response.outputs.add(name="y", datatype="FP32", shape=[1, 64])
-    response.raw_output_contents.append(xs[0:1].tobytes())
-    response_file = tmp / "response.bin"
-    response_file.write_bytes(response.SerializeToString())
+    requests, expected, response_file = instant_workload(tmp)
     with (
         helper_server("empty_server", str(response_file)) as (empty, empty_pid),
         coalesce(config, tmp) as proxy,
@@ -291,6 +284,36 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
             ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
         ]
         return compare("overhead", targets, [1, 64, 256], args, rates=(4000,))
+
+
+def instant_workload(tmp: Path) -> tuple[list[bytes], list[bytes], Path]:
+    """256 one-row requests, each one's expected output bytes, and a file holding the
+    serialized answer to the first (what the empty servers send back to every call)."""
+    xs = bench_model.inputs(256)
+    requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
+    expected = [xs[i : i + 1].tobytes() for i in range(256)]
+    response = wire.ModelInferResponse(model_name="bench_mlp", model_version="1")
+    response.outputs.add(name="y", datatype="FP32", shape=[1, 64])
+    response.raw_output_contents.append(xs[0:1].tobytes())
+    response_file = tmp / "response.bin"
+    response_file.write_bytes(response.SerializeToString())
+    return requests, expected, response_file
+
+
+def scenario_floor(args, tmp: Path) -> list[dict]:
+    """7. Below grpc.aio: the empty grpc.aio server vs HTTP/2 framed in Python on uvloop
+    (benchmarks/h2_probe.py, a framing-only probe), both answering the same bytes."""
+    requests, expected, response_file = instant_workload(tmp)
+    same = [expected[0]] * len(requests)
+    with (
+        helper_server("empty_server", str(response_file)) as (empty, empty_pid),
+        helper_server("h2_probe", str(response_file)) as (probe, probe_pid),
+    ):
+        targets = [
+            ("empty grpc.aio server", empty, empty_pid, requests, same),
+            ("python http/2 framing probe", probe, probe_pid, requests, same),
+        ]
+        return compare("floor", targets, [1, 64], args, rates=(4000,))
 
 
 def scenario_metrics(args, tmp: Path) -> list[dict]:
@@ -389,6 +412,7 @@ SCENARIOS: dict[str, Callable] = {
     "streaming": scenario_streaming,
     "metrics": scenario_metrics,
     "policy": scenario_policy,
+    "floor": scenario_floor,
 }
 
 
