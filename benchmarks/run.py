@@ -50,6 +50,14 @@ def workload(model: str, count: int = 256) -> tuple[list[bytes], list[bytes]]:
     )
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of one process (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(
     target: str,
     pid: int,
@@ -83,6 +91,7 @@ def measure(
     start = cpu_seconds(pid)
     time.sleep(duration)
     cpu = cpu_seconds(pid) - start
+    rss = rss_mib(pid)  # at the end of the measured window: under load
     thread.join()
     ok = max(result["ok"], 1)
     lat = result["latency_ms"]
@@ -97,6 +106,7 @@ def measure(
         "mismatches": result["mismatches"],
         "server_cpu_us_per_req": cpu / ok * 1e6,
         "loadgen_cpu_us_per_req": result["cpu_us_per_req"],
+        "rss_mib": rss,
     }
 
 
@@ -109,6 +119,7 @@ def median_of(runs: list[dict]) -> dict:
         "max_ms",
         "server_cpu_us_per_req",
         "loadgen_cpu_us_per_req",
+        "rss_mib",
     )
     row = {k: statistics.median(r[k] for r in runs) for k in keys}
     row["mismatches"] = sum(r["mismatches"] for r in runs)
@@ -166,19 +177,24 @@ def compare(
 
 
 def format_row(row: dict) -> str:
+    if "throughput_rps" not in row:  # a memory reading alone
+        dashes = " — |" * 7
+        return (f"| {row['scenario']} | {row['target']} | {row['concurrency']} |{dashes} "
+                f"{row['rss_mib']:.0f} | — |")
     cpu_ratio = f"{row['x_baseline_cpu']:.2f}x" if "x_baseline_cpu" in row else "—"
     return (
         f"| {row['scenario']} | {row['target']} | {row['concurrency']} | "
         f"{row['throughput_rps']:,.0f} | {row['x_baseline_rps']:.2f}x | {row['p50_ms']:.2f} | "
         f"{row['p99_ms']:.2f} | {row['server_cpu_us_per_req']:.0f} | {cpu_ratio} | "
-        f"{row['loadgen_cpu_us_per_req']:.0f} | {row['mismatches']} |"
+        f"{row['loadgen_cpu_us_per_req']:.0f} | {row.get('rss_mib', float('nan')):.0f} | "
+        f"{row['mismatches']} |"
     )
 
 
 HEADER = (
     "| scenario | target | c | req/s | vs baseline | p50 ms | p99 ms | server CPU µs/req | "
-    "CPU vs baseline | loadgen CPU µs/req | wrong answers |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "CPU vs baseline | loadgen CPU µs/req | server RSS MiB | wrong answers |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -356,6 +372,25 @@ def scenario_policy(args, tmp: Path) -> list[dict]:
         return compare("policy", targets, [1, 64], args)
 
 
+def scenario_memory(args, tmp: Path) -> list[dict]:
+    """8. Memory: Coalesce's RSS idle, then after each of 5 runs at c=256 through Triton
+    (growth from run to run would be a leak)."""
+    with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
+        requests, expected = workload("bench_mlp")
+        rows = [{"scenario": "memory", "target": "coalesce idle (no request yet)",
+                 "concurrency": 0, "rss_mib": rss_mib(proxy.proc.pid)}]
+        print(format_row(rows[0]), flush=True)
+        for run in range(1, 6):
+            row = {"scenario": "memory", "target": f"coalesce -> triton, run {run}",
+                   "concurrency": 256,
+                   **measure(proxy.url, proxy.proc.pid, requests, expected, concurrency=256,
+                             duration=args.duration, warmup=args.warmup)}
+            row["x_baseline_rps"] = 1.0
+            rows.append(row)
+            print(format_row(row), flush=True)
+        return rows
+
+
 def scenario_streaming(args, tmp: Path) -> list[dict]:
     """4. Streaming: rows/s through ModelStreamInfer vs unary calls, same instant model."""
     import pickle
@@ -413,6 +448,7 @@ SCENARIOS: dict[str, Callable] = {
     "metrics": scenario_metrics,
     "policy": scenario_policy,
     "floor": scenario_floor,
+    "memory": scenario_memory,
 }
 
 

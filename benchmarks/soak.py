@@ -17,15 +17,8 @@ import time
 from pathlib import Path
 
 from benchmarks import bench_model, loadgen
-from benchmarks.run import METHOD, RESULTS, coalesce, infer_request
+from benchmarks.run import METHOD, RESULTS, coalesce, infer_request, rss_mib
 from tests.support.coalesce import cpu_seconds
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
