@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import yaml
 from coalesce import wire
 
 from benchmarks import bench_model, loadgen
@@ -209,11 +210,17 @@ def triton_server() -> Iterator:
 
 @contextlib.contextmanager
 def coalesce(config: dict, tmp: Path, args: tuple[str, ...] = ()) -> Iterator[Process]:
-    process = Process({**config, "admin": None}, tmp, ("--log-level", "WARNING", *args))
+    """`coalesce serve` with `fast_listen` on too: `fast_url(process)` is its address."""
+    config = {"fast_listen": f"127.0.0.1:{free_port()}", **config, "admin": None}
+    process = Process(config, tmp, ("--log-level", "WARNING", *args))
     try:
         yield process
     finally:
         process.terminate()
+
+
+def fast_url(process: Process) -> str:
+    return yaml.safe_load(process.config.read_text())["fast_listen"]
 
 
 def triton_route(triton, model: str) -> dict:
@@ -250,6 +257,8 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
         targets = [
             ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
             ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
+            ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, requests,
+             expected),
             ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
         with _workers(triton, args, tmp) as extra:
@@ -264,6 +273,7 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
         targets = [
             ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
             ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed),
+            ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, *routed),
         ]
         with _workers(triton, args, tmp) as extra:
             return compare("versus", targets + extra(*routed), [1, 64, 256], args)
@@ -298,6 +308,8 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
         targets = [
             ("empty grpc.aio server", empty, empty_pid, requests, [expected[0]] * 256),
             ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
+            ("coalesce fast_listen, instant model", fast_url(proxy), proxy.proc.pid, requests,
+             expected),
         ]
         return compare("overhead", targets, [1, 64, 256], args, rates=(4000,))
 

@@ -625,6 +625,13 @@ class Config(_Strict):
         description="HTTP/JSON front ends (KServe v2 REST under /v2, TF Serving REST under "
         "/v1), e.g. 127.0.0.1:8501; null (the default) turns them off.",
     )
+    fast_listen: str | None = Field(
+        None,
+        description="A second gRPC address served by Coalesce's own HTTP/2 stack instead of "
+        "grpc.aio (coalesce.h2server): the same unary methods at a fraction of the CPU and "
+        "latency. Cleartext only; streaming methods stay on `listen`. Null (the default) is "
+        "off.",
+    )
     tls: ServerTLS | None = Field(
         None, description="TLS (and mutual TLS) on the gRPC and HTTP front ends; default off."
     )
@@ -663,7 +670,7 @@ class Config(_Strict):
 
     _check_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
-    @field_validator("admin", "http")
+    @field_validator("admin", "http", "fast_listen")
     @classmethod
     def _check_optional_address(cls, value: str | None) -> str | None:
         return None if value is None else _check_address(value)
@@ -673,6 +680,10 @@ class Config(_Strict):
         problems, seen = [], set()
         if self.workers > 1 and self.listen.endswith(":0"):
             problems.append("listen: workers > 1 need a fixed port to share, not port 0")
+        if self.fast_listen and self.tls:
+            problems.append("fast_listen: speaks no TLS; with tls set, use listen only")
+        if self.fast_listen and self.workers > 1 and self.fast_listen.endswith(":0"):
+            problems.append("fast_listen: workers > 1 need a fixed port to share, not port 0")
         for i, route in enumerate(self.routes):
             if route.backend not in self.backends:
                 problems.append(f"routes.{i}.backend: unknown backend {route.backend!r}")

@@ -37,7 +37,7 @@ def _outcome(future: asyncio.Future) -> BaseException | None:
     return asyncio.CancelledError() if future.cancelled() else future.exception()
 
 
-RESTART_KEYS = ("listen", "admin", "workers", "max_message_mb", "metrics", "tracing")
+RESTART_KEYS = ("listen", "fast_listen", "admin", "workers", "max_message_mb", "metrics", "tracing")
 """Config keys a running server cannot change: a reload that changes them is refused."""
 
 

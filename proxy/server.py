@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import admin, rest, stats
 from .config import Config, ConfigError, ServerTLS
 from .kserve_grpc import KServeService
+from .native_grpc import NativeServer
 from .router import ReloadError, Router
 from .tfserving_grpc import TFServingService
 from .tls import ServerCertificates
@@ -45,6 +46,24 @@ def freeze_heap() -> int:
     return count
 
 
+def _generic_handlers(servicer) -> list[grpc.GenericRpcHandler]:
+    """The generic handlers `add_HealthServicer_to_server` registers, for fast_listen."""
+
+    class Collect:
+        def __init__(self) -> None:
+            self.handlers: list[grpc.GenericRpcHandler] = []
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            self.handlers.extend(handlers)
+
+        def add_registered_method_handlers(self, service, handlers) -> None:
+            pass  # the same methods as the generic handler above
+
+    collect = Collect()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, collect)
+    return collect.handlers
+
+
 class Server:
     """One serving process; `start()` then `stop()`, or `run()` until a signal."""
 
@@ -59,6 +78,8 @@ class Server:
         self._admin: web.AppRunner | None = None
         self.http_port = 0
         self._http: web.AppRunner | None = None
+        self._fast: NativeServer | None = None
+        self.fast_port = 0
         self._health_tasks: set[asyncio.Task] = set()
         self._publisher: asyncio.Task | None = None
         self._tls: dict[str, ServerCertificates] = {}  # by listener: grpc, http, admin
@@ -80,10 +101,14 @@ class Server:
                 ("grpc.so_reuseport", int(self.config.workers > 1)),
             ]
         )
-        self._grpc.add_generic_rpc_handlers(
-            [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
-        )
+        handlers = [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
+        self._grpc.add_generic_rpc_handlers(handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        if self.config.fast_listen:
+            self._fast = NativeServer([*handlers, *_generic_handlers(self.health)], limit)
+            self.fast_port = await self._fast.start(
+                self.config.fast_listen, reuse_port=self.config.workers > 1
+            )
         self.port = self._add_port(self._grpc, self.config.listen, self.config.tls)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
@@ -112,12 +137,14 @@ class Server:
             )
         host = self.config.listen.rpartition(":")[0]
         log.info(
-            "serving %s on %s:%d (admin %s, http %s)",
+            "serving %s on %s:%d (admin %s, http %s, fast_listen %s)",
             ", ".join(self.router.routes),
             host,
             self.port,
             self.config.admin or "off",
             f"{self.config.http.rpartition(':')[0]}:{self.http_port}" if self._http else "off",
+            f"{self.config.fast_listen.rpartition(':')[0]}:{self.fast_port}" if self._fast
+            else "off",
         )
 
     def _add_port(self, server: grpc.aio.Server, address: str, tls: ServerTLS | None) -> int:
@@ -160,6 +187,8 @@ class Server:
         stopping = [self._grpc.stop(grace)] if self._grpc is not None else []
         if self._http is not None:  # closes its listener, lets handlers finish (grace)
             stopping.append(self._http.cleanup())
+        if self._fast is not None:
+            stopping.append(self._fast.stop(grace))
         await asyncio.gather(*stopping)
         if self._publisher is not None:
             self._publisher.cancel()

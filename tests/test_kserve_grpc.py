@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import yaml
 from coalesce import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -34,10 +35,11 @@ NUMERIC = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One `coalesce serve` process for the whole module (the sync client needs its own loop)."""
-    from tests.support.coalesce import Process
+    from tests.support.coalesce import Process, free_port
 
     process = Process(
         {
+            "fast_listen": f"127.0.0.1:{free_port()}",
             "backends": {
                 "echo": local_backend("echo"),
                 "affine": local_backend("affine"),
@@ -54,15 +56,23 @@ def server(tmp_path_factory):
     assert process.terminate() == 0
 
 
+@pytest.fixture(scope="module", params=["listen", "fast_listen"])
+def url(server, request) -> str:
+    """Every test runs against both gRPC front ends: grpc.aio and our own HTTP/2."""
+    if request.param == "listen":
+        return server.url
+    return yaml.safe_load(server.config.read_text())["fast_listen"]
+
+
 @pytest.fixture(scope="module")
-def client(server):
-    with tc.InferenceServerClient(server.url) as client:
+def client(url):
+    with tc.InferenceServerClient(url) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.url) as channel:
+def channel(url):
+    with grpc.insecure_channel(url) as channel:
         yield channel
 
 

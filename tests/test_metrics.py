@@ -90,17 +90,18 @@ def test_metrics_count_requests_rows_batches_and_latency(proxy):
 def test_metrics_of_several_workers_are_merged(coalesce_process):
     from tests.support.coalesce import free_port
 
-    port = free_port()
+    port, fast = free_port(), free_port()
     proxy = coalesce_process({
-        "listen": f"127.0.0.1:{port}", "workers": 2,
+        "listen": f"127.0.0.1:{port}", "workers": 2, "fast_listen": f"127.0.0.1:{fast}",
         "backends": {"b": local_backend("affine")},
         "routes": [{"model": "m", "backend": "b"}],
     })
-    for _ in range(8):  # new connections, spread across the workers by the kernel
-        load(proxy.url, "m", 10)
+    for url in (proxy.url, f"127.0.0.1:{fast}"):  # both listeners are shared by the workers
+        for _ in range(8):  # new connections, spread across the workers by the kernel
+            load(url, "m", 10)
     time.sleep(2.5)  # workers publish once a second
     found = samples(f"127.0.0.1:{proxy.admin_port}")
-    assert value(found, "coalesce_requests_total", route="m", backend="b", code="OK") == 80
+    assert value(found, "coalesce_requests_total", route="m", backend="b", code="OK") == 160
 
 
 def test_dashboard_series_and_config(proxy):

@@ -1,0 +1,246 @@
+"""`fast_listen`: Coalesce's own HTTP/2 front end (coalesce.h2server, native_grpc).
+
+tests/test_kserve_grpc.py runs its every datatype, metadata, health and bad-request
+test against both listeners; these cover what only this stack does itself: flow
+control both ways, deadlines, cancellation, limits, bad HTTP/2, shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as aio
+from coalesce import config as config_module
+from coalesce.config import ConfigError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.client import inputs
+from tests.conftest import local_backend, model_of, running
+
+CONFIG = {
+    "fast_listen": "127.0.0.1:0",
+    "max_message_mb": 24,
+    "backends": {
+        "echo": local_backend("echo"),
+        "affine": local_backend("affine"),
+        "slow": local_backend("affine", args={"delay_ms": 300}),
+        "gated": local_backend("gated", inline=True),
+    },
+    "routes": [{"model": m, "backend": m} for m in ("echo", "affine", "slow", "gated")],
+}
+
+
+def fast(server) -> str:
+    return f"127.0.0.1:{server.fast_port}"
+
+
+async def in_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+async def test_concurrent_callers_each_get_their_own_rows_in_shared_batches():
+    async with running(CONFIG) as server:
+        client = aio.InferenceServerClient(fast(server))
+        xs = [np.full((1, 4), i, dtype=np.float32) for i in range(300)]
+        results = await asyncio.gather(*(client.infer("affine", inputs(x=x)) for x in xs))
+        await client.close()
+        for x, result in zip(xs, results, strict=True):
+            np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
+        assert max(model_of(server, "affine").batches) > 1  # they were coalesced
+
+
+async def test_messages_far_beyond_every_flow_control_window_go_both_ways():
+    """20 MiB each way: over our 4 MiB stream window and the client's 64 KiB one."""
+    async with running(CONFIG) as server:
+        x = np.random.default_rng(0).standard_normal((5, 1 << 20), dtype=np.float32)
+
+        def call():
+            with tc.InferenceServerClient(fast(server)) as client:
+                return client.infer("echo", inputs(x=x), client_timeout=60).as_numpy("x")
+
+        np.testing.assert_array_equal(await in_thread(call), x)
+
+
+async def test_a_message_over_max_message_mb_is_resource_exhausted_and_serving_goes_on():
+    async with running({**CONFIG, "max_message_mb": 1}) as server:
+        client = aio.InferenceServerClient(fast(server))
+        with pytest.raises(InferenceServerException) as error:
+            await client.infer("echo", inputs(x=np.zeros((1, 1 << 19), np.float32)))
+        assert error.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than max" in error.value.message()
+        small = np.ones((1, 4), np.float32)
+        result = await client.infer("affine", inputs(x=small))
+        np.testing.assert_array_equal(result.as_numpy("y"), 3 * small)
+        await client.close()
+
+
+async def test_the_deadline_ends_the_call_and_its_batch_mates_are_unaffected():
+    async with running(CONFIG) as server:
+        client = aio.InferenceServerClient(fast(server))
+        x = np.ones((1, 4), np.float32)
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as error:
+            await client.infer("slow", inputs(x=x), client_timeout=0.1)
+        assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert time.monotonic() - start < 0.29  # the model takes 0.3 s
+        result = await client.infer("slow", inputs(x=x), client_timeout=5)
+        np.testing.assert_array_equal(result.as_numpy("y"), 3 * x)
+        await client.close()
+
+
+async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
+    async with running(CONFIG) as server:
+        gated = model_of(server, "gated")
+        client = aio.InferenceServerClient(fast(server))
+        x = np.ones((1, 4), np.float32)
+        doomed = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
+        await asyncio.wait_for(gated.entered.wait(), 5)
+        other = asyncio.ensure_future(client.infer("gated", inputs(x=2 * x)))
+        await asyncio.sleep(0.05)
+        doomed.cancel()  # RST_STREAM from the client
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        result = await asyncio.wait_for(other, 5)
+        np.testing.assert_array_equal(result.as_numpy("y"), 5 * x)
+        await client.close()
+
+
+async def test_streaming_methods_name_the_listen_port():
+    async with running(CONFIG) as server:
+        client = aio.InferenceServerClient(fast(server))
+
+        async def requests():
+            yield {"model_name": "affine", "inputs": inputs(x=np.ones((1, 4), np.float32))}
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in client.stream_infer(requests()):
+                pass
+        await client.close()
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "`listen`" in error.value.details()
+
+
+async def test_compressed_requests_are_unimplemented_not_misread():
+    async with running(CONFIG) as server:
+        async with grpc.aio.insecure_channel(
+            fast(server), compression=grpc.Compression.Gzip
+        ) as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await check(health_pb2.HealthCheckRequest(service="affine" * 20), timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "compressed" in error.value.details()
+
+
+async def test_tf_serving_predict_and_health_over_fast_listen():
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service="affine"))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "affine"
+        request.inputs["x"].CopyFrom(_tensor_proto(np.ones((2, 4), np.float32)))
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = await stub.Predict(request, timeout=5)
+        assert list(response.outputs["y"].float_val or _floats(response.outputs["y"])) == [3.0] * 8
+
+
+def _tensor_proto(array: np.ndarray):
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+    )
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes()
+    )
+
+
+def _floats(tensor) -> list[float]:
+    return np.frombuffer(tensor.tensor_content, dtype=np.float32).tolist()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64],
+)
+async def test_what_is_not_http2_closes_that_connection_only(garbage):
+    async with running(CONFIG) as server:
+
+        def poke() -> bytes:
+            with socket.create_connection(("127.0.0.1", server.fast_port), timeout=5) as sock:
+                sock.sendall(garbage)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        answer = await in_thread(poke)  # returns: the server closed the connection
+        assert answer[3] == 4  # our SETTINGS came first ...
+        assert b"\x07\x00\x00\x00\x00\x00" in answer  # ... and a GOAWAY ended it
+        client = aio.InferenceServerClient(fast(server))
+        assert await client.is_server_live()
+        await client.close()
+
+
+async def test_stop_lets_an_in_flight_call_finish_then_refuses_new_ones():
+    async with running(CONFIG) as server:
+        gated = model_of(server, "gated")
+        client = aio.InferenceServerClient(fast(server))
+        x = np.ones((1, 4), np.float32)
+        call = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
+        await asyncio.wait_for(gated.entered.wait(), 5)
+        stopping = asyncio.ensure_future(server.stop(grace=5))
+        await asyncio.sleep(0.1)
+        gated.gate.set()
+        result = await asyncio.wait_for(call, 5)
+        np.testing.assert_array_equal(result.as_numpy("y"), 3 * x)
+        await stopping
+        await client.close()
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", server.fast_port)) != 0
+
+
+def test_fast_listen_with_tls_is_refused(tmp_path):
+    from tests.support.certs import PKI
+
+    with pytest.raises(ConfigError) as error:
+        config_module.parse({**CONFIG, "tls": PKI(tmp_path).tls()})
+    assert any(p.startswith("fast_listen: speaks no TLS") for p in error.value.problems)
+
+
+def test_many_connections_and_threads_at_once():
+    """Several sync clients (one connection each) from threads, all answered right."""
+
+    async def scenario():
+        async with running(CONFIG) as server:
+            errors: list = []
+
+            def worker(k: int) -> None:
+                with tc.InferenceServerClient(fast(server)) as client:
+                    for i in range(50):
+                        x = np.full((1, 4), k * 100 + i, dtype=np.float32)
+                        y = client.infer("affine", inputs(x=x)).as_numpy("y")
+                        if not np.array_equal(y, 2 * x + 1):
+                            errors.append((k, i))
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            await in_thread(lambda: [t.join() for t in threads])
+            return errors
+
+    assert asyncio.run(scenario()) == []

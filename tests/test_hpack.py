@@ -1,0 +1,141 @@
+"""HPACK decoding (coalesce.hpack) against a real encoder: libnghttp2's, through ctypes.
+
+gRPC clients (tritonclient, grpcio) encode through the same RFC; test_kserve_grpc and
+test_fast_listen cover them end to end. Here: random header lists, every byte value
+through Huffman coding, table eviction and size updates, and malformed blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import random
+
+import pytest
+from coalesce.hpack import STATIC_TABLE, Decoder, HpackError, huffman_decode
+
+_LIB = ctypes.util.find_library("nghttp2")
+pytestmark = pytest.mark.skipif(_LIB is None, reason="needs libnghttp2 (make test installs it)")
+
+
+class _NV(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_void_p),
+        ("value", ctypes.c_void_p),
+        ("namelen", ctypes.c_size_t),
+        ("valuelen", ctypes.c_size_t),
+        ("flags", ctypes.c_uint8),
+    ]
+
+
+class Encoder:
+    """libnghttp2's HPACK deflater: it indexes, evicts and Huffman-codes as it sees fit."""
+
+    def __init__(self, table_size: int = 4096) -> None:
+        self.lib = ctypes.CDLL(_LIB)
+        self.lib.nghttp2_hd_deflate_hd.restype = ctypes.c_ssize_t
+        self.deflater = ctypes.c_void_p()
+        assert self.lib.nghttp2_hd_deflate_new(ctypes.byref(self.deflater), table_size) == 0
+
+    def encode(self, headers: list[tuple[bytes, bytes]], never_index: bool = False) -> bytes:
+        keep, fields = [], (_NV * len(headers))()
+        for i, (name, value) in enumerate(headers):
+            n, v = (
+                ctypes.create_string_buffer(name, len(name)),
+                ctypes.create_string_buffer(value, len(value)),
+            )
+            keep += (n, v)
+            fields[i] = _NV(
+                ctypes.cast(n, ctypes.c_void_p),
+                ctypes.cast(v, ctypes.c_void_p),
+                len(name),
+                len(value),
+                int(never_index),
+            )
+        out = ctypes.create_string_buffer(1 << 16)
+        size = self.lib.nghttp2_hd_deflate_hd(self.deflater, out, 1 << 16, fields, len(headers))
+        assert size >= 0
+        return out.raw[:size]
+
+    def change_table_size(self, size: int) -> None:
+        assert self.lib.nghttp2_hd_deflate_change_table_size(self.deflater, size) == 0
+
+
+GRPC = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+def text(headers):
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+
+
+def test_random_header_lists_decode_as_sent_while_the_table_fills_and_evicts():
+    rng = random.Random(7)
+    encoder, decoder = Encoder(), Decoder()
+    for _ in range(1500):
+        headers = list(GRPC)
+        for _ in range(rng.randrange(6)):
+            name = b"x-" + bytes(rng.choice(b"abcdefghij-") for _ in range(rng.randrange(1, 12)))
+            headers.append((name, bytes(rng.randrange(256) for _ in range(rng.randrange(60)))))
+        block = encoder.encode(headers, never_index=rng.random() < 0.3)
+        assert decoder.decode(block) == text(headers)
+    assert decoder.size <= 4096 and len(decoder.table) > 10
+
+
+def test_every_byte_value_survives_huffman_coding():
+    encoder, decoder = Encoder(), Decoder()
+    for symbol in range(256):
+        value = bytes([symbol]) * 3 + b"eeeeeeeeeeeeeeeeeeeeeeee" + bytes([symbol])  # Huffman wins
+        assert decoder.decode(encoder.encode([(b"x-v", value)])) == text([(b"x-v", value)])
+
+
+def test_a_repeated_block_is_served_from_the_cache_until_the_table_changes():
+    encoder, decoder = Encoder(), Decoder()
+    decoder.decode(encoder.encode(GRPC))
+    block = encoder.encode(GRPC)
+    first = decoder.decode(block)
+    assert decoder.decode(block) is first  # the same list object: no decoding done
+    decoder.decode(encoder.encode([(b"x-new", b"entry")]))  # adds to the dynamic table
+    assert decoder.decode(block) is not first
+
+
+def test_table_size_updates_are_followed():
+    encoder, decoder = Encoder(), Decoder()
+    decoder.decode(encoder.encode([*GRPC, (b"x-a", b"1" * 100)]))
+    encoder.change_table_size(64)
+    block = encoder.encode(GRPC)
+    assert block[0] & 0xE0 == 0x20  # the block opens with the size update
+    assert decoder.decode(block) == text(GRPC)
+    assert decoder.capacity == 64 and decoder.size <= 64
+
+
+def test_the_static_table_has_its_61_entries():
+    assert len(STATIC_TABLE) == 61
+    assert STATIC_TABLE[1] == (":method", "GET") and STATIC_TABLE[60] == ("www-authenticate", "")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\xbf",  # index 63: the dynamic table is empty
+        b"\xfe",  # index 126: not in the table
+        b"\x00\x85abc",  # a string longer than the block
+        b"\x3f\xe2\x1f",  # a size update to 4097, above our limit
+        b"\x00\x01a\x81\x00",  # Huffman value: 8 zero bits is no code, and bad padding
+        b"\x80",  # index 0
+    ],
+)
+def test_malformed_blocks_raise_hpack_error(block):
+    with pytest.raises(HpackError):
+        Decoder().decode(block)
+
+
+def test_huffman_padding_longer_than_7_bits_is_refused():
+    assert huffman_decode(b"\x1f") == b"a"  # 'a' is 00011, then 111 padding
+    with pytest.raises(HpackError):
+        huffman_decode(b"\x1f\xff")  # 11 bits of padding
