@@ -24,11 +24,13 @@ from ..errors import (
     Unavailable,
     from_backend,
 )
+from ..h2client import CallError, NativeChannel
 from ..request import ModelInfo, Tensors, TensorSpec
 from ..tensors import from_raw, to_raw
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
+_MODEL_INFER = b"/inference.GRPCInferenceService/ModelInfer"
 
 
 def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
@@ -46,8 +48,11 @@ class TritonAdapter:
         self._limit: int | None = None
         self._loaded = False
         self.retry_counter: channels.RetryCounter | None = None
+        self._native: NativeChannel | None = None  # transport: native
 
     async def load(self) -> None:
+        if self.config.transport == "native":
+            self._native = NativeChannel(self.config.target)  # type: ignore[arg-type]
         target = channels.target(self.config)
         certificates = tls.client_certificates(self.config.tls)
         self._client = aio.InferenceServerClient(
@@ -122,11 +127,19 @@ class TritonAdapter:
             tensor.shape.extend(array.shape)
             request.raw_input_contents.append(raw)
         try:
-            response = await self._client._client_stub.ModelInfer(
-                request, timeout=timeout, metadata=forwarding.outgoing()
-            )
+            if self._native is not None:
+                answer = await self._native.unary(
+                    _MODEL_INFER, request.SerializeToString(), timeout, forwarding.outgoing()
+                )
+                response = service_pb2.ModelInferResponse.FromString(answer)
+            else:
+                response = await self._client._client_stub.ModelInfer(
+                    request, timeout=timeout, metadata=forwarding.outgoing()
+                )
         except grpc.aio.AioRpcError as exc:
             raise from_backend(self.name, exc.code(), exc.details() or "") from exc
+        except CallError as exc:
+            raise from_backend(self.name, exc.code, exc.details) from exc
         return {
             out.name: from_raw(raw, out.datatype, tuple(out.shape), out.name)
             for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
@@ -151,3 +164,5 @@ class TritonAdapter:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+        if self._native is not None:
+            await self._native.close()

@@ -223,11 +223,9 @@ def fast_url(process: Process) -> str:
     return yaml.safe_load(process.config.read_text())["fast_listen"]
 
 
-def triton_route(triton, model: str) -> dict:
-    return {
-        "backends": {"mlp": {"type": "triton", "target": triton.grpc_url, "model": model}},
-        "routes": [{"model": "bench_mlp", "backend": "mlp"}],
-    }
+def triton_route(triton, model: str, transport: str = "grpc") -> dict:
+    backend = {"type": "triton", "target": triton.grpc_url, "model": model, "transport": transport}
+    return {"backends": {"mlp": backend}, "routes": [{"model": "bench_mlp", "backend": "mlp"}]}
 
 
 @contextlib.contextmanager
@@ -251,6 +249,7 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
     with (
         triton_server() as triton,
         coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy,
+        coalesce(triton_route(triton, "bench_mlp", "native"), tmp) as native,
         helper_server("passthrough", triton.grpc_url) as (hop, hop_pid),
     ):
         requests, expected = workload("bench_mlp")
@@ -259,6 +258,8 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
             ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
             ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, requests,
              expected),
+            ("coalesce fast_listen -> native -> triton", fast_url(native), native.proc.pid,
+             requests, expected),
             ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
         with _workers(triton, args, tmp) as extra:
@@ -267,13 +268,19 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
 
 def scenario_versus(args, tmp: Path) -> list[dict]:
     """2. Versus Triton's own dynamic batcher (max 64, no delay)."""
-    with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
+    with (
+        triton_server() as triton,
+        coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy,
+        coalesce(triton_route(triton, "bench_mlp", "native"), tmp) as native,
+    ):
         direct = workload("bench_mlp_dyn")
         routed = workload("bench_mlp")
         targets = [
             ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
             ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed),
             ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, *routed),
+            ("coalesce fast_listen -> native -> triton", fast_url(native), native.proc.pid,
+             *routed),
         ]
         with _workers(triton, args, tmp) as extra:
             return compare("versus", targets + extra(*routed), [1, 64, 256], args)

@@ -1,7 +1,7 @@
-"""HPACK (RFC 7541) header-block decoding, for the native HTTP/2 front end (h2server).
+"""HPACK (RFC 7541) header-block decoding, for our own HTTP/2 (coalesce.h2).
 
-Only decoding: our own header blocks are a few fixed byte strings (see h2server),
-built from the static table and literals, so no encoder state is ever needed.
+Decoding only: what we send is built from static-table indexes and literals
+without indexing (`literal`), so no encoder state is ever kept.
 
 Clients repeat themselves: after its first calls a gRPC client's header block is a
 handful of indexes into the dynamic table, byte for byte the same each call. Such a
@@ -129,6 +129,25 @@ def huffman_decode(data: bytes) -> bytes:
                 raise HpackError("invalid Huffman code")
     if length > 7 or code != (1 << length) - 1:  # padding: at most 7 bits, all ones
         raise HpackError("invalid Huffman padding")
+    return bytes(out)
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """A field as a literal without indexing, new name, no Huffman (RFC 7541 6.2.2):
+    what we send needs no encoder state kept in step with the peer."""
+    return b"\x00" + _length(name) + name + _length(value) + value
+
+
+def _length(data: bytes) -> bytes:
+    """A string length as a 7-bit-prefix integer, Huffman bit clear."""
+    n = len(data)
+    if n < 127:
+        return bytes((n,))
+    out, n = bytearray((127,)), n - 127
+    while n >= 128:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
     return bytes(out)
 
 

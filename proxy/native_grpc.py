@@ -16,7 +16,9 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from .h2server import Connection, Stream
+from .h2 import Stream
+from .h2server import ServerConnection
+from .hpack import literal
 
 log = logging.getLogger("coalesce")
 
@@ -30,23 +32,6 @@ TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e
 HIDDEN = frozenset(("te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"))
 
 
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
-    return b"\x00" + _length(name) + name + _length(value) + value
-
-
-def _length(data: bytes) -> bytes:
-    n = len(data)
-    if n < 127:
-        return bytes((n,))
-    out, n = bytearray((127,)), n - 127
-    while n >= 128:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _percent(message: str) -> bytes:
     """grpc-message's percent-encoding: printable ASCII but '%' as is, the rest %XX."""
     return b"".join(
@@ -55,9 +40,9 @@ def _percent(message: str) -> bytes:
 
 
 def status_trailers(code: grpc.StatusCode, message: str) -> bytes:
-    block = _literal(b"grpc-status", str(code.value[0]).encode())
+    block = literal(b"grpc-status", str(code.value[0]).encode())
     if message:
-        block += _literal(b"grpc-message", _percent(message))
+        block += literal(b"grpc-message", _percent(message))
     return block
 
 
@@ -121,7 +106,7 @@ class GrpcApp:
             self._methods[path] = found
         return found
 
-    def request(self, connection: Connection, stream: Stream) -> None:
+    def request(self, connection: ServerConnection, stream: Stream) -> None:
         path = method = content_type = timeout = encoding = ""
         metadata = []
         for name, value in stream.headers:
@@ -141,10 +126,10 @@ class GrpcApp:
                     value = base64.b64decode(value + "==")  # type: ignore[assignment]
                 metadata.append((name, value))
         if method != "POST":
-            connection.respond_headers_only(stream, _literal(b":status", b"405"))
+            connection.answer_headers_only(stream, literal(b":status", b"405"))
             return
         if not content_type.startswith("application/grpc"):
-            connection.respond_headers_only(stream, _literal(b":status", b"415"))
+            connection.answer_headers_only(stream, literal(b":status", b"415"))
             return
         handler = self._method(path)
         error = None
@@ -210,9 +195,9 @@ class GrpcApp:
             )
             return
         framed = b"\x00" + len(data).to_bytes(4, "big") + data
-        connection.respond(stream, RESPONSE_HEADERS, framed, OK_TRAILERS)
+        connection.answer(stream, RESPONSE_HEADERS, framed, OK_TRAILERS)
 
-    def _expire(self, connection: Connection, stream: Stream) -> None:
+    def _expire(self, connection: ServerConnection, stream: Stream) -> None:
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
             self._trailers_only(
@@ -221,7 +206,7 @@ class GrpcApp:
 
     @staticmethod
     def _trailers_only(connection, stream, code: grpc.StatusCode, message: str) -> None:
-        connection.respond_headers_only(stream, RESPONSE_HEADERS + status_trailers(code, message))
+        connection.answer_headers_only(stream, RESPONSE_HEADERS + status_trailers(code, message))
 
 
 class NativeServer:
@@ -230,7 +215,7 @@ class NativeServer:
     def __init__(self, handlers: Iterable[grpc.GenericRpcHandler], max_message: int) -> None:
         self.app = GrpcApp(handlers)
         self.max_body = max_message + 5
-        self.connections: set[Connection] = set()
+        self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -243,8 +228,8 @@ class NativeServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    def _connection(self) -> Connection:
-        connection = Connection(self.app, self.max_body, self.connections.discard)
+    def _connection(self) -> ServerConnection:
+        connection = ServerConnection(self.app, self.max_body, self.connections.discard)
         self.connections.add(connection)
         return connection
 

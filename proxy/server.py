@@ -143,7 +143,8 @@ class Server:
             self.port,
             self.config.admin or "off",
             f"{self.config.http.rpartition(':')[0]}:{self.http_port}" if self._http else "off",
-            f"{self.config.fast_listen.rpartition(':')[0]}:{self.fast_port}" if self._fast
+            f"{self.config.fast_listen.rpartition(':')[0]}:{self.fast_port}"
+            if self._fast
             else "off",
         )
 

@@ -148,3 +148,19 @@ def test_the_readme_config_reference_is_current():
     )
     for model in ("Config", "Batching", "Route", "TritonBackend", "LocalBackend"):
         assert f"#### {model}\n" in readme
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"targets": ["127.0.0.1:1", "127.0.0.1:2"]}, "transport native takes one host:port"),
+        ({"target": "dns:///triton:8001"}, "transport native takes one host:port"),
+        ({"tls": {}}, "transport native speaks no TLS"),
+    ],
+)
+def test_native_transport_is_one_cleartext_address(fields, problem):
+    backend = {"type": "triton", "target": "127.0.0.1:8001", "model": "m", "transport": "native"}
+    if "targets" in fields:
+        del backend["target"]
+    data = {"backends": {"t": {**backend, **fields}}, "routes": [{"model": "t", "backend": "t"}]}
+    assert any(problem in p and p.startswith("backends.t") for p in problems(data))

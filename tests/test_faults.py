@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc.aio as aio
 from tritonclient.utils import InferenceServerException
 
@@ -77,13 +78,17 @@ async def steady(
     await client.close()
 
 
-async def test_kill_9_of_triton_under_load_loses_nothing_and_recovers(coalesce_process):
+@pytest.mark.parametrize("transport", ["grpc", "native"])
+async def test_kill_9_of_triton_under_load_loses_nothing_and_recovers(
+    coalesce_process, transport
+):
     from tests.support.triton import TritonServer
 
     with TritonServer(ROOT / "tests" / "triton_models") as triton:
+        backend = {"type": "triton", "target": triton.grpc_url, "model": "affine"}
         proxy = coalesce_process(
             {
-                "backends": {"t": {"type": "triton", "target": triton.grpc_url, "model": "affine"}},
+                "backends": {"t": {**backend, "transport": transport}},
                 "routes": [{"model": "t", "backend": "t"}],
             }
         )

@@ -217,6 +217,9 @@ def test_serve_freezes_its_heap_at_start_and_again_after_a_reload(coalesce_proce
         return [int(n) for n in re.findall(r"heap frozen: (\d+) objects", proxy.output())]
 
     proxy = coalesce_process(base())
+    deadline = time.monotonic() + 10
+    while not frozen() and time.monotonic() < deadline:  # just after the ports open
+        time.sleep(0.05)
     assert len(frozen()) == 1 and frozen()[0] > 10_000  # modules, config, backends
     config = yaml.safe_load(proxy.config.read_text())
     config["backends"]["a"]["batching"] = {"max_batch_size": 5}

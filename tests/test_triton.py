@@ -23,15 +23,20 @@ def triton_backend(triton, model: str, **fields) -> dict:
     return {"type": "triton", "target": triton.grpc_url, "model": model, **fields}
 
 
-@pytest.fixture(scope="module")
-def proxy(triton, tmp_path_factory):
-    """`coalesce serve` routing every Triton test model (two names for `affine`)."""
+@pytest.fixture(scope="module", params=["grpc", "native"])
+def proxy(triton, tmp_path_factory, request):
+    """`coalesce serve` routing every Triton test model (two names for `affine`); every
+    test runs with each `transport` to Triton: gRPC core, and Coalesce's own HTTP/2."""
     from tests.support.coalesce import Process
 
     models = ["affine", "affine_nobatch", "slow_affine", "bytes_echo", "int_ops"]
-    backends = {m: triton_backend(triton, m) for m in models}
-    backends["big"] = triton_backend(triton, "affine", batching={"max_batch_size": 200})
-    backends["slow_bounded"] = triton_backend(triton, "slow_affine", timeout_ms=60)
+    backends = {m: triton_backend(triton, m, transport=request.param) for m in models}
+    backends["big"] = triton_backend(
+        triton, "affine", batching={"max_batch_size": 200}, transport=request.param
+    )
+    backends["slow_bounded"] = triton_backend(
+        triton, "slow_affine", timeout_ms=60, transport=request.param
+    )
     routes = [{"model": m, "backend": m} for m in backends]
     routes.append({"model": "affine-v2", "backend": "affine"})
     process = Process({"backends": backends, "routes": routes}, tmp_path_factory.mktemp("proxy"))
