@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stamp}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     (RESULTS / f"{stamp}.md").write_text(HEADER + "\n" + "\n".join(map(format_row, rows)) + "\n")
     print(f"wrote {RESULTS / stamp}.json and .md")
-    return 1 if any(r["mismatches"] for r in rows) else 0
+    return 1 if any(r.get("mismatches") for r in rows) else 0
 
 
 if __name__ == "__main__":
