@@ -16,6 +16,11 @@ async def serve(port: int, response: bytes) -> None:
     async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return response
 
+    await serve_model_infer(port, model_infer)
+
+
+async def serve_model_infer(port: int, model_infer) -> None:
+    """A grpc.aio + uvloop server with ModelInfer alone, bytes in and out, until killed."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     handler = grpc.method_handlers_generic_handler(
         "inference.GRPCInferenceService",

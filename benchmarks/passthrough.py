@@ -14,6 +14,8 @@ import sys
 import grpc
 import uvloop
 
+from benchmarks.empty_server import serve_model_infer
+
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -24,15 +26,7 @@ async def serve(port: int, target: str) -> None:
     async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await forward(request)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    handler = grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService",
-        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)},
-    )
-    server.add_generic_rpc_handlers([handler])
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+    await serve_model_infer(port, model_infer)
 
 
 if __name__ == "__main__":

@@ -97,13 +97,19 @@ async def test_the_deadline_ends_the_call_and_its_batch_mates_are_unaffected():
         await client.close()
 
 
+async def held_call(server, x: np.ndarray):
+    """A client, the gated model, and a call of `x` the model now holds (gate closed)."""
+    gated = model_of(server, "gated")
+    client = aio.InferenceServerClient(fast(server))
+    call = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
+    await asyncio.wait_for(gated.entered.wait(), 5)
+    return client, gated, call
+
+
 async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
     async with running(CONFIG) as server:
-        gated = model_of(server, "gated")
-        client = aio.InferenceServerClient(fast(server))
         x = np.ones((1, 4), np.float32)
-        doomed = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
-        await asyncio.wait_for(gated.entered.wait(), 5)
+        client, gated, doomed = await held_call(server, x)
         other = asyncio.ensure_future(client.infer("gated", inputs(x=2 * x)))
         await asyncio.sleep(0.05)
         doomed.cancel()  # RST_STREAM from the client
@@ -198,11 +204,8 @@ async def test_what_is_not_http2_closes_that_connection_only(garbage):
 
 async def test_stop_lets_an_in_flight_call_finish_then_refuses_new_ones():
     async with running(CONFIG) as server:
-        gated = model_of(server, "gated")
-        client = aio.InferenceServerClient(fast(server))
         x = np.ones((1, 4), np.float32)
-        call = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
-        await asyncio.wait_for(gated.entered.wait(), 5)
+        client, gated, call = await held_call(server, x)
         stopping = asyncio.ensure_future(server.stop(grace=5))
         await asyncio.sleep(0.1)
         gated.gate.set()
