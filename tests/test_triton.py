@@ -99,25 +99,28 @@ async def test_64_concurrent_single_rows_reach_triton_as_few_executions(triton, 
 
 
 async def test_closed_loop_callers_are_coalesced_by_load(triton, proxy):
-    """64 callers sending single rows back to back: batches hold what arrived meanwhile."""
-    before = stats(triton, "affine")
+    """64 callers sending single rows back to back: batches hold what arrived meanwhile.
+
+    The model takes 200 ms, so what arrives during a call is the load, not the pace of
+    this one Python client (against a fast model the client, not Coalesce, is the limit)."""
+    before = stats(triton, "slow_affine")
     client = aio.InferenceServerClient(proxy.url)
 
     async def caller(i):
-        for j in range(10):
+        for j in range(3):
             x = np.full((1, 4), i * 100 + j, dtype=np.float32)
-            result = await client.infer("affine", inputs(x=x))
+            result = await client.infer("slow_affine", inputs(x=x))
             np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
 
     await asyncio.gather(*(caller(i) for i in range(64)))
     await client.close()
-    after = stats(triton, "affine")
+    after = stats(triton, "slow_affine")
     inferences, executions = after[0] - before[0], after[1] - before[1]
     print(
-        f"640 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}"
+        f"192 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}"
     )
-    assert inferences == 640
-    assert executions <= 640 / 2
+    assert inferences == 192
+    assert executions <= 192 / 8
 
 
 async def test_many_concurrent_callers_get_their_own_rows_from_triton(proxy):
