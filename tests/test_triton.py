@@ -171,6 +171,17 @@ def test_bytes_and_integer_models(proxy):
         np.testing.assert_array_equal(b, a.astype(np.int64) * 3)
 
 
+async def test_megabytes_each_way_pass_every_flow_control_window(proxy):
+    """6 MiB up and down, three at once: beyond HTTP/2's default windows on every leg."""
+    client = aio.InferenceServerClient(proxy.url)
+    big = bytes(range(256)) * (6 * 4096)
+    text = np.array([[big], [b"abc"]], dtype=object)
+    results = await asyncio.gather(*(client.infer("bytes_echo", inputs(text=text)) for _ in "abc"))
+    await client.close()
+    for result in results:
+        assert result.as_numpy("out").reshape(-1).tolist() == [big[::-1], b"cba"]
+
+
 def test_a_triton_error_reaches_the_caller_and_others_go_on(proxy):
     with tc.InferenceServerClient(proxy.url) as client:
         bad = np.array([[1, np.nan, 3, 4]], dtype=np.float32)
