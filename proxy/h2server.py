@@ -116,7 +116,7 @@ class ServerConnection(Endpoint):
         if self.transport is None or self.transport.is_closing():
             return
         self.draining = True
-        self.transport.write(frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + bytes(4)))
+        self.write(frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + bytes(4)))
         self._close_if_done()
 
     def close(self, code: int, message: str, last_stream: int = 0) -> None:
@@ -124,4 +124,5 @@ class ServerConnection(Endpoint):
 
     def _close_if_done(self) -> None:
         if self.draining and not self.streams and self.transport is not None:
+            self.flush()
             self.transport.close()
