@@ -77,25 +77,30 @@ def test_drop_in_the_same_client_code_passes_against_triton_and_coalesce(triton,
     exercise(triton.grpc_url if via == "triton-direct" else proxy.url, "affine")
 
 
-async def test_64_concurrent_single_rows_reach_triton_as_few_executions(triton, proxy):
-    """While Triton runs the first (200 ms) execution, the other 63 queue and go as one."""
+async def slow_affine_executions(triton, proxy, callers: int, rounds: int) -> int:
+    """Triton executions of `slow_affine` (200 ms each) for `callers` closed-loop
+    callers sending `rounds` single rows each; every answer is checked."""
     before = stats(triton, "slow_affine")
     client = aio.InferenceServerClient(proxy.url)
 
-    async def one(i):
-        x = np.full((1, 4), i, dtype=np.float32)
-        result = await client.infer("slow_affine", inputs(x=x))
-        np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
+    async def caller(i):
+        for j in range(rounds):
+            x = np.full((1, 4), i * 100 + j, dtype=np.float32)
+            result = await client.infer("slow_affine", inputs(x=x))
+            np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
 
-    await asyncio.gather(*(one(i) for i in range(64)))
+    await asyncio.gather(*(caller(i) for i in range(callers)))
     await client.close()
     after = stats(triton, "slow_affine")
     inferences, executions = after[0] - before[0], after[1] - before[1]
-    print(
-        f"64 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}"
-    )
-    assert inferences == 64
-    assert executions <= 4
+    print(f"{inferences} requests -> {executions} Triton executions")
+    assert inferences == callers * rounds
+    return executions
+
+
+async def test_64_concurrent_single_rows_reach_triton_as_few_executions(triton, proxy):
+    """While Triton runs the first (200 ms) execution, the other 63 queue and go as one."""
+    assert await slow_affine_executions(triton, proxy, callers=64, rounds=1) <= 4
 
 
 async def test_closed_loop_callers_are_coalesced_by_load(triton, proxy):
@@ -103,24 +108,7 @@ async def test_closed_loop_callers_are_coalesced_by_load(triton, proxy):
 
     The model takes 200 ms, so what arrives during a call is the load, not the pace of
     this one Python client (against a fast model the client, not Coalesce, is the limit)."""
-    before = stats(triton, "slow_affine")
-    client = aio.InferenceServerClient(proxy.url)
-
-    async def caller(i):
-        for j in range(3):
-            x = np.full((1, 4), i * 100 + j, dtype=np.float32)
-            result = await client.infer("slow_affine", inputs(x=x))
-            np.testing.assert_array_equal(result.as_numpy("y"), 2 * x + 1)
-
-    await asyncio.gather(*(caller(i) for i in range(64)))
-    await client.close()
-    after = stats(triton, "slow_affine")
-    inferences, executions = after[0] - before[0], after[1] - before[1]
-    print(
-        f"192 requests -> {executions} Triton executions, mean batch {inferences / executions:.1f}"
-    )
-    assert inferences == 192
-    assert executions <= 192 / 8
+    assert await slow_affine_executions(triton, proxy, callers=64, rounds=3) <= 192 / 8
 
 
 async def test_many_concurrent_callers_get_their_own_rows_from_triton(proxy):
