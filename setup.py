@@ -18,7 +18,7 @@ def compile_protos() -> None:
 
     include = ROOT / "protos"
     sources = sorted(str(p) for p in include.glob("*.proto"))
-    out = ROOT / "proxy" / "_protos.binpb"
+    out = ROOT / "proxy" / "codecs" / "_protos.binpb"
     # grpc_tools ships the well-known types (google/protobuf/any.proto, wrappers.proto)
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [

@@ -16,20 +16,17 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
+from coalesce import tls
+from coalesce.codecs import wire
+from coalesce.config import GrpcBackend
+from coalesce.core import forwarding
+from coalesce.core.adapter import import_string
+from coalesce.core.request import ModelInfo, Tensors, TensorSpec
+from coalesce.core.tensors import check_shape, from_raw, to_raw
+from coalesce.errors import CoalesceError, Internal, InvalidArgument, Unavailable, from_backend
 from grpc_health.v1 import health_pb2
 
-from .. import channels, forwarding, tls, wire
-from ..adapter import import_string
-from ..config import GrpcBackend
-from ..errors import (
-    CoalesceError,
-    Internal,
-    InvalidArgument,
-    Unavailable,
-    from_backend,
-)
-from ..request import ModelInfo, Tensors, TensorSpec
-from ..tensors import check_shape, from_raw, to_raw
+from . import channels
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
@@ -93,7 +90,7 @@ def _specs(items: Any) -> tuple[TensorSpec, ...]:
 class GrpcAdapter:
     """Sends each batch as one unary call, encoded by the backend's codec."""
 
-    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.core.adapter)
 
     def __init__(self, name: str, config: GrpcBackend) -> None:
         self.name = name

@@ -12,10 +12,10 @@ import inspect
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..adapter import import_string
-from ..config import LocalBackend
-from ..errors import CoalesceError, Internal, InvalidArgument
-from ..request import ModelInfo, Tensors, TensorSpec
+from coalesce.config import LocalBackend
+from coalesce.core.adapter import import_string
+from coalesce.core.request import ModelInfo, Tensors, TensorSpec
+from coalesce.errors import CoalesceError, Internal, InvalidArgument
 
 
 def _specs(items: Any) -> tuple[TensorSpec, ...]:

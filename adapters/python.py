@@ -25,9 +25,10 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-from ..config import PythonBackend
-from ..errors import CoalesceError, Unavailable
-from ..request import ModelInfo, Tensors, TensorSpec
+from coalesce.config import PythonBackend
+from coalesce.core.request import ModelInfo, Tensors, TensorSpec
+from coalesce.errors import CoalesceError, Unavailable
+
 from .python_process import STOP_GRACE_S, StartFailed, Worker, WorkerLost, exit_text, start_worker
 
 log = logging.getLogger("coalesce")

@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import PythonBackend
-from ..errors import Internal, InvalidArgument
-from ..request import Tensors
+from coalesce.config import PythonBackend
+from coalesce.core.request import Tensors
+from coalesce.errors import Internal, InvalidArgument
+
 from .python_worker import MIN_REGION, Region, end_of, frame
 
 log = logging.getLogger("coalesce")

@@ -5,7 +5,7 @@ sends them). The signature's tensors come from GetModelMetadata, so requests are
 checked before they travel and metadata calls on any front end describe the model.
 An unreachable TF Serving is not an error at start-up: the adapter reports not
 ready and reads the metadata on the first call after the server comes back.
-TensorFlow is not needed: the messages are Coalesce's own (coalesce.wire).
+TensorFlow is not needed: the messages are Coalesce's own (coalesce.codecs.wire).
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import logging
 from typing import Any
 
 import grpc
+from coalesce import tls
+from coalesce.codecs import wire
+from coalesce.codecs.tf_tensors import BY_ENUM, fill_proto, to_array
+from coalesce.config import TFServingBackend
+from coalesce.core import forwarding
+from coalesce.core.request import ModelInfo, Tensors, TensorSpec
+from coalesce.errors import CoalesceError, Internal, InvalidArgument, Unavailable, from_backend
 
-from .. import channels, forwarding, tls, wire
-from ..config import TFServingBackend
-from ..errors import (
-    CoalesceError,
-    Internal,
-    InvalidArgument,
-    Unavailable,
-    from_backend,
-)
-from ..request import ModelInfo, Tensors, TensorSpec
-from ..tf_tensors import BY_ENUM, fill_proto, to_array
+from . import channels
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
@@ -49,7 +46,7 @@ def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
 
 
 class TFServingAdapter:
-    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.core.adapter)
 
     def __init__(self, name: str, config: TFServingBackend) -> None:
         self.name = name

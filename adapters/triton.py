@@ -14,19 +14,17 @@ from typing import Any
 
 import grpc
 import numpy as np
+from coalesce import tls
+from coalesce.config import TritonBackend
+from coalesce.core import forwarding
+from coalesce.core.request import ModelInfo, Tensors, TensorSpec
+from coalesce.core.tensors import from_raw, to_raw
+from coalesce.errors import InvalidArgument, Unavailable, from_backend
+from coalesce.http2.client import CallError, NativeChannel
 from tritonclient.grpc import aio, service_pb2
 from tritonclient.utils import InferenceServerException
 
-from .. import channels, forwarding, tls
-from ..config import TritonBackend
-from ..errors import (
-    InvalidArgument,
-    Unavailable,
-    from_backend,
-)
-from ..h2client import CallError, NativeChannel
-from ..request import ModelInfo, Tensors, TensorSpec
-from ..tensors import from_raw, to_raw
+from . import channels
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
@@ -38,7 +36,7 @@ def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
 
 
 class TritonAdapter:
-    keeps_timeout = True  # the call's gRPC deadline (see coalesce.adapter)
+    keeps_timeout = True  # the call's gRPC deadline (see coalesce.core.adapter)
 
     def __init__(self, name: str, config: TritonBackend) -> None:
         self.name = name

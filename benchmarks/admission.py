@@ -18,9 +18,9 @@ import tempfile
 import timeit
 from pathlib import Path
 
-from coalesce import access
 from coalesce import config as config_module
-from coalesce.router import Router
+from coalesce.core import access
+from coalesce.core.router import Router
 
 from tests.support.certs import PKI
 

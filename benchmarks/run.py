@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from coalesce import wire
+from coalesce.codecs import wire
 
 from benchmarks import bench_model, loadgen
 from tests.support.coalesce import ROOT, Process, cpu_seconds, free_port

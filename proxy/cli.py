@@ -8,8 +8,9 @@ import logging
 import sys
 from collections.abc import Callable
 
+from coalesce.telemetry import logs
+
 from . import config as config_module
-from . import logs
 from .config import ConfigError
 
 
@@ -67,7 +68,8 @@ def serve(args: argparse.Namespace) -> int:
         from .workers import die_with_parent
 
         die_with_parent()
-    from .router import StartupError
+    from coalesce.core.router import StartupError
+
     from .server import Server
 
     try:
@@ -85,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def health(args: argparse.Namespace) -> int:
-    from .health_check import run
+    from coalesce.ops.health_check import run
 
     return run(
         args.address,

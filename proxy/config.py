@@ -355,7 +355,7 @@ class RemoteBackend(_Backend):
     """A backend reached over gRPC: one address, several replicas, or a DNS name.
 
     One gRPC channel per backend. gRPC's own resolver, load balancer, outlier ejection
-    and retry policy (see coalesce.channels) spread and retry the calls, in C and off
+    and retry policy (see coalesce.adapters.channels) spread and retry the calls, in C and off
     the event loop; Coalesce does not balance by itself.
     """
 
@@ -448,7 +448,7 @@ class TritonBackend(RemoteBackend):
     transport: Literal["grpc", "native"] = Field(
         "grpc",
         description="grpc: gRPC core (replicas, balancing, outlier ejection, retries, TLS). "
-        "native: inference calls over Coalesce's own HTTP/2 client (coalesce.h2client), one "
+        "native: inference calls over Coalesce's own HTTP/2 client (coalesce.http2.client), one "
         "cleartext connection to one `target` host:port, ~0.3 ms less per call at light "
         "load; none of gRPC core's features.",
     )
@@ -541,7 +541,7 @@ class TFServingBackend(RemoteBackend):
 class CustomBackend(_Backend):
     """A backend implemented by a user's adapter class."""
 
-    type: str = Field(description="'module:Class' of an adapter (see coalesce.adapter).")
+    type: str = Field(description="'module:Class' of an adapter (see coalesce.core.adapter).")
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the adapter.")
 
     _check_type = field_validator("type")(classmethod(lambda cls, v: _check_import_path(v)))
@@ -583,7 +583,7 @@ class Route(_Strict):
     """Clients asking for `model` are served by `backend`.
 
     Several routes may share a model name when they are pinned to different
-    versions or labels (see coalesce.routing for how a request picks one).
+    versions or labels (see coalesce.core.routing for how a request picks one).
     """
 
     model: str = Field(min_length=1, description="The model name clients ask for.")
@@ -644,7 +644,7 @@ class Config(_Strict):
     fast_listen: str | None = Field(
         None,
         description="A second gRPC address served by Coalesce's own HTTP/2 stack instead of "
-        "grpc.aio (coalesce.h2server): the same unary methods at a fraction of the CPU and "
+        "grpc.aio (coalesce.http2.server): the same unary methods at a fraction of the CPU and "
         "latency. Cleartext only; streaming methods stay on `listen`. Null (the default) is "
         "off.",
     )

@@ -8,8 +8,7 @@ answers are the same everywhere.
 from __future__ import annotations
 
 import numpy as np
-
-from .request import Tensors, TensorSpec
+from coalesce.core.request import Tensors, TensorSpec
 
 
 class ExampleMLP:

@@ -16,14 +16,15 @@ from collections.abc import Callable
 
 import grpc
 from aiohttp import web
+from coalesce.core.router import ReloadError, Router
+from coalesce.frontends import rest
+from coalesce.frontends.kserve.grpc import KServeService
+from coalesce.frontends.tfserving.grpc import TFServingService
+from coalesce.http2.grpc_server import NativeServer
+from coalesce.ops import admin, stats
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import admin, rest, stats
 from .config import Config, ConfigError, ServerTLS
-from .kserve_grpc import KServeService
-from .native_grpc import NativeServer
-from .router import ReloadError, Router
-from .tfserving_grpc import TFServingService
 from .tls import ServerCertificates
 
 log = logging.getLogger("coalesce")

@@ -40,7 +40,7 @@ def supervise(argv: list[str], workers: int) -> int:
     """Run `coalesce serve` + argv as `workers` processes until a signal; 0 if all drained."""
     stopping = False
 
-    folder = tempfile.mkdtemp(prefix="coalesce-metrics-")  # see coalesce.stats
+    folder = tempfile.mkdtemp(prefix="coalesce-metrics-")  # see coalesce.ops.stats
 
     def start(index: int) -> subprocess.Popen:
         serve = [sys.executable, "-m", "coalesce.cli", "serve", *argv]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import tritonclient.grpc as tc
-from coalesce import wire
+from coalesce.codecs import wire
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 

@@ -15,10 +15,13 @@ import pytest
 import tritonclient.grpc.aio as aio
 import yaml
 from aiohttp import web
-from coalesce import ConfigError, access, admin, wire
+from coalesce import ConfigError
 from coalesce import config as config_module
+from coalesce.codecs import wire
+from coalesce.codecs.tf_tensors import fill_proto
+from coalesce.core import access
+from coalesce.ops import admin
 from coalesce.server import Server
-from coalesce.tf_tensors import fill_proto
 from tritonclient.utils import InferenceServerException
 
 from tests.client import affine_expected, inputs

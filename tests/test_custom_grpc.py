@@ -18,9 +18,10 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as aio
 import yaml
-from coalesce import ConfigError, wire
+from coalesce import ConfigError
 from coalesce import config as config_module
-from coalesce.router import StartupError
+from coalesce.codecs import wire
+from coalesce.core.router import StartupError
 from tritonclient.utils import InferenceServerException
 
 from config.examples import batch_server, scorer_server
@@ -218,7 +219,7 @@ async def test_a_codec_puts_a_team_service_behind_coalesce():
     ("codec", "message"),
     [
         ("config.examples.no_such_module:Codec", "cannot import 'config.examples.no_such_module"),
-        ("coalesce.request:TensorSpec", "TypeError"),
+        ("coalesce.core.request:TensorSpec", "TypeError"),
         ("tests.models:Echo", "lacks method, request_serializer"),
     ],
 )

@@ -196,7 +196,7 @@ def test_dockerignore_keeps_what_the_build_copies_and_nothing_else():
     assert ignored(ROOT / "proxy" / "__pycache__" / "cli.cpython-311.pyc", patterns)
     names = {p.relative_to(ROOT).as_posix() for p in context_files()}
     assert {"pyproject.toml", "setup.py", "README.md", "proxy/cli.py"} <= names
-    assert any(n.startswith("protos/") for n in names) and "proxy/_protos.binpb" not in names
+    assert any(n.startswith("protos/") for n in names) and "proxy/codecs/_protos.binpb" not in names
 
 
 def test_the_build_context_builds_a_wheel_with_the_compiled_protos(tmp_path):
@@ -218,7 +218,12 @@ def test_the_build_context_builds_a_wheel_with_the_compiled_protos(tmp_path):
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
-    assert {"coalesce/_protos.binpb", "coalesce/cli.py", "coalesce/health_check.py"} <= names
+    assert {
+        "coalesce/codecs/_protos.binpb",
+        "coalesce/cli.py",
+        "coalesce/ops/health_check.py",
+        "coalesce/ops/dashboard.html",
+    } <= names
     assert "coalesce/adapters/triton.py" in names
     assert "coalesce = coalesce.cli:main" in scripts
 

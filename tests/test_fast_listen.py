@@ -1,4 +1,4 @@
-"""`fast_listen`: Coalesce's own HTTP/2 front end (coalesce.h2server, native_grpc).
+"""`fast_listen`: Coalesce's own HTTP/2 front end (coalesce.http2.server, native_grpc).
 
 tests/test_kserve_grpc.py runs its every datatype, metadata, health and bad-request
 test against both listeners; these cover what only this stack does itself: flow

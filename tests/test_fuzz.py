@@ -36,12 +36,15 @@ import grpc
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-from coalesce import json_tensors, kserve_codec, kserve_rest, protowire, tfserving_grpc, wire
-from coalesce import tfserving_rest as tf_rest
+from coalesce.codecs import json_tensors, protowire, wire
+from coalesce.codecs import kserve as kserve_codec
+from coalesce.codecs.tf_tensors import TF_TYPES, fill_proto, to_array
+from coalesce.core.request import InferRequest, ModelInfo, TensorSpec
+from coalesce.core.tensors import BF16, CONTENTS_FIELD, DTYPES, request_of, to_raw
 from coalesce.errors import CoalesceError
-from coalesce.request import InferRequest, ModelInfo, TensorSpec
-from coalesce.tensors import BF16, CONTENTS_FIELD, DTYPES, request_of, to_raw
-from coalesce.tf_tensors import TF_TYPES, fill_proto, to_array
+from coalesce.frontends.kserve import rest as kserve_rest
+from coalesce.frontends.tfserving import grpc as tfserving_grpc
+from coalesce.frontends.tfserving import rest as tf_rest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 

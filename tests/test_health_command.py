@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from coalesce.health_check import check
+from coalesce.ops.health_check import check
 
 from tests.conftest import local_backend
 from tests.support.coalesce import ROOT, free_port

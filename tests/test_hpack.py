@@ -1,4 +1,4 @@
-"""HPACK decoding (coalesce.hpack) against a real encoder: libnghttp2's, through ctypes.
+"""HPACK decoding (coalesce.http2.hpack) against a real encoder: libnghttp2's, through ctypes.
 
 gRPC clients (tritonclient, grpcio) encode through the same RFC; test_kserve_grpc and
 test_fast_listen cover them end to end. Here: random header lists, every byte value
@@ -12,7 +12,7 @@ import ctypes.util
 import random
 
 import pytest
-from coalesce.hpack import STATIC_TABLE, Decoder, HpackError, huffman_decode
+from coalesce.http2.hpack import STATIC_TABLE, Decoder, HpackError, huffman_decode
 
 _LIB = ctypes.util.find_library("nghttp2")
 pytestmark = pytest.mark.skipif(_LIB is None, reason="needs libnghttp2 (make test installs it)")

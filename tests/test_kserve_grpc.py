@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import yaml
-from coalesce import wire
+from coalesce.codecs import wire
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from coalesce.logs import JsonFormatter
+from coalesce.telemetry.logs import JsonFormatter
 
 from tests.conftest import local_backend
 from tests.support.coalesce import Process
@@ -75,7 +75,7 @@ def test_backend_errors_are_rate_limited_per_key(caplog):
     import logging
     import time as _time
 
-    from coalesce.logs import RateLimited
+    from coalesce.telemetry.logs import RateLimited
 
     limited = RateLimited(logging.getLogger("coalesce.test"), period=0.2)
     with caplog.at_level(logging.WARNING, logger="coalesce.test"):

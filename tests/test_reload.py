@@ -17,7 +17,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as aio
 import yaml
 from coalesce import config as config_module
-from coalesce.router import ReloadError
+from coalesce.core.router import ReloadError
 from coalesce.server import Server
 from tritonclient.utils import InferenceServerException
 

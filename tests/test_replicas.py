@@ -1,5 +1,5 @@
 """Backends with several replicas: gRPC's own round_robin, outlier ejection and retries
-(coalesce.channels), and the circuit breaker that fails fast while a backend is down.
+(coalesce.adapters.channels), and the circuit breaker that fails fast while a backend is down.
 
 Replicas are real servers on loopback: batch-protocol services (config/examples/
 batch_server.py) that can be told to fail or to hold calls, and real Triton servers
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as aio
-from coalesce import ConfigError, channels
+from coalesce import ConfigError
 from coalesce import config as config_module
+from coalesce.adapters import channels
 from tritonclient.utils import InferenceServerException
 
 from config.examples import batch_server
@@ -90,7 +91,7 @@ async def client_of(data: dict) -> AsyncIterator[tuple[aio.InferenceServerClient
 @pytest.fixture
 def manual_probes(monkeypatch):
     """Readiness probes only when a test calls router.probe(), so it can count them."""
-    monkeypatch.setattr("coalesce.router.PROBE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr("coalesce.core.router.PROBE_INTERVAL_S", 3600.0)
 
 
 # --- config and service config ------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Routes pinned to versions and labels: the config's checks, how a request picks a
-route (coalesce.routing) and the Router's answers to KServe and TF Serving names."""
+route (coalesce.core.routing) and the Router's answers to KServe and TF Serving names."""
 
 from __future__ import annotations
 
 import pytest
 from coalesce import config
+from coalesce.core.routing import RouteTable
 from coalesce.errors import NotFound
-from coalesce.routing import RouteTable
 
 from tests.conftest import local_backend, running
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from coalesce import wire
+from coalesce.codecs import wire
+from coalesce.codecs.tf_tensors import BY_KSERVE, TF_TYPES, fill_proto, kserve_to_tf, to_array
+from coalesce.core.tensors import BF16, DTYPES
 from coalesce.errors import InvalidArgument
-from coalesce.tensors import BF16, DTYPES
-from coalesce.tf_tensors import BY_KSERVE, TF_TYPES, fill_proto, kserve_to_tf, to_array
 
 
 def sample(dtype: np.dtype, size: int) -> np.ndarray:

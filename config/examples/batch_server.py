@@ -5,7 +5,7 @@ Coalesce has already merged its callers' requests, so each Infer call is one who
 batch: run the model once and answer one row per input row. Two models:
 `affine` (x FP32 [-1, 4] -> y = 2x + 1, s = row sums; NaN is refused) and `echo` (every input back
 unchanged, any datatype). A service in another language generates its stubs from
-protos/coalesce_batch.proto; this one borrows the message classes from `coalesce.wire`.
+protos/coalesce_batch.proto; this one borrows the message classes from `coalesce.codecs.wire`.
 
     python config/examples/batch_server.py --port 50051
 """
@@ -18,8 +18,9 @@ import logging
 
 import grpc
 import numpy as np
-from coalesce import CoalesceError, wire
-from coalesce.tensors import from_raw, to_raw
+from coalesce import CoalesceError
+from coalesce.codecs import wire
+from coalesce.core.tensors import from_raw, to_raw
 
 log = logging.getLogger("batch_server")
 AFFINE = {

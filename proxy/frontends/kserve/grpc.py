@@ -1,0 +1,109 @@
+"""The Open Inference Protocol (KServe v2) gRPC front end, as Triton serves it.
+
+Thin on purpose: decode the wire message into an InferRequest, hand it to the
+router's backend, encode the answer. Raw contents stay numpy views of the
+request bytes; outputs go back in raw_output_contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from coalesce.codecs import wire
+from coalesce.codecs.kserve import encode
+from coalesce.core import access
+from coalesce.core.router import Router
+from coalesce.errors import CoalesceError, abort, grpc_status
+from coalesce.version import __version__
+
+from .calls import Call, prepare
+from .stream import StreamSession
+
+
+def _tensor_metadata(specs):
+    Tensor = wire.ModelMetadataResponse.TensorMetadata
+    return [Tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+class KServeService:
+    """inference.GRPCInferenceService over the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._time = asyncio.get_running_loop().time
+
+    def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
+        """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
+        return prepare(self.router, request, context, self._time)
+
+    async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
+        # grpc_status's wrapping inlined: this is the hottest coroutine of all
+        try:
+            if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
+                raise request
+            call = prepare(self.router, request, context, self._time)
+            outputs = await call.backend.infer(call.request)
+            return encode(request, call.version, outputs, call.names)
+        except Exception as exc:
+            await abort(context, exc, "ModelInfer")
+            raise AssertionError("unreachable: abort() raises") from exc
+
+    async def ModelStreamInfer(self, requests, context: grpc.aio.ServicerContext):
+        async for response in StreamSession(self.router, self.prepare, context).run(requests):
+            yield response
+
+    @grpc_status
+    async def ServerLive(self, request, context):
+        return wire.ServerLiveResponse(live=True)
+
+    @grpc_status
+    async def ServerReady(self, request, context):
+        return wire.ServerReadyResponse(ready=self.router.ready)
+
+    @grpc_status
+    async def ModelReady(self, request, context):
+        backend = self.router.get(request.name, request.version)
+        return wire.ModelReadyResponse(ready=await backend.adapter.ready())
+
+    @grpc_status
+    async def ServerMetadata(self, request, context):
+        return wire.ServerMetadataResponse(name="coalesce", version=__version__, extensions=[])
+
+    @grpc_status
+    async def ModelMetadata(self, request, context):
+        info = self.router.get(request.name, request.version).info()
+        route = access.route_of(self.router, request.name, request.version)
+        access.admit(self.router, route, access.GrpcCaller(context), None)
+        return wire.ModelMetadataResponse(
+            name=request.name,
+            versions=list(info.versions),
+            platform=info.platform,
+            inputs=_tensor_metadata(info.inputs),
+            outputs=_tensor_metadata(info.outputs),
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Unary methods, each (de)serialised by the upb messages from protos/."""
+        methods = {}
+        for method in (
+            "ServerLive",
+            "ServerReady",
+            "ModelReady",
+            "ServerMetadata",
+            "ModelMetadata",
+            "ModelInfer",
+        ):
+            request = getattr(wire, f"{method}Request")
+            response = getattr(wire, f"{method}Response")
+            methods[method] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, method),
+                request_deserializer=access.sized(wire.parser(request)),
+                # ModelInfer answers are serialized by encode() already
+                response_serializer=None if method == "ModelInfer" else response.SerializeToString,
+            )
+        methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            self.ModelStreamInfer,
+            request_deserializer=access.sized(wire.parser(wire.ModelInferRequest)),
+        )
+        return grpc.method_handlers_generic_handler(wire.KSERVE, methods)

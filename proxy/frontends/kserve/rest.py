@@ -1,0 +1,263 @@
+"""The Open Inference Protocol (KServe v2) over HTTP/JSON, as Triton serves it.
+
+Tensors travel as JSON (`data`, flat row-major or nested) or, with the binary-data
+extension that tritonclient.http uses by default, as raw bytes after the JSON header:
+the `Inference-Header-Content-Length` header gives the JSON's length, an input's
+`parameters.binary_data_size` its bytes (KServe raw encoding, as over gRPC). Outputs
+go back binary when the request asks (`binary_data_output`, or an output's
+`binary_data`), else as flat JSON lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from math import prod
+from typing import Any
+
+from aiohttp import web
+from coalesce.codecs.json_tensors import dumps, parse, to_array, to_json
+from coalesce.core import access
+from coalesce.core.request import InferRequest, ModelInfo, Tensors, TensorSpec
+from coalesce.core.router import Router
+from coalesce.core.tensors import check_shape, datatype_of, from_raw, request_of, to_raw
+from coalesce.errors import InvalidArgument
+from coalesce.telemetry.tracing import carrier_of
+from coalesce.version import __version__
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary data after it)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    # ASCII digits, and not too many of them: int() raises on "²" and on 5000 digits
+    digits = header_length.isascii() and header_length.isdigit() and len(header_length) < 20
+    end = int(header_length) if digits else -1
+    if not 0 <= end <= len(body):
+        raise InvalidArgument(
+            f"{HEADER_LENGTH}: {header_length!r:.40} is not a length within the "
+            f"{len(body)}-byte body"
+        )
+    return body[:end], memoryview(body)[end:]
+
+
+_KIND_NAMES = {str: "string", list: "list"}
+
+
+def _field(obj: dict, key: str, kind: type, where: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        raise InvalidArgument(f"{where}: '{key}' is missing or not a {_KIND_NAMES[kind]}")
+    return value
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    parameters = obj.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidArgument(f"{where}: 'parameters' must be an object")
+    return parameters
+
+
+def _input(spec: Any, blobs: memoryview, offset: int) -> tuple[str, Any, int]:
+    """One entry of `inputs`: (name, array, offset after its binary data)."""
+    if not isinstance(spec, dict):
+        raise InvalidArgument("inputs: every entry must be an object")
+    name = _field(spec, "name", str, "inputs")
+    where = f"tensor '{name}'"
+    datatype = _field(spec, "datatype", str, where)
+    shape_list = _field(spec, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape_list):
+        raise InvalidArgument(f"{where}: shape {shape_list} must hold integers")
+    shape = check_shape(shape_list, name)
+    parameters = _parameters(spec, where)
+    if "shared_memory_region" in parameters:
+        raise InvalidArgument(f"{where}: shared memory is not supported by Coalesce")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"{where}: binary_data_size must be a non-negative integer")
+        if offset + size > len(blobs):
+            raise InvalidArgument(
+                f"{where}: binary_data_size {size} overruns the {len(blobs)} bytes of binary data"
+            )
+        return name, from_raw(blobs[offset : offset + size], datatype, shape, name), offset + size
+    if "data" not in spec:
+        raise InvalidArgument(f"{where}: has neither 'data' nor parameters.binary_data_size")
+    array = to_array(spec["data"], datatype, name)
+    if array.size != prod(shape):
+        raise InvalidArgument(
+            f"{where}: data holds {array.size} values, shape {list(shape)} needs {prod(shape)}"
+        )
+    return name, array.reshape(shape), offset
+
+
+def decode(document: Any, blobs: memoryview) -> InferRequest:
+    """An inference request body as named arrays; every problem names the field."""
+    if not isinstance(document, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    deadline = _deadline(_parameters(document, "request"))
+    entries = document.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument("inputs: the request has no input tensors")
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument("id: must be a string")
+    tensors: Tensors = {}
+    offset = 0
+    for entry in entries:
+        name, array, offset = _input(entry, blobs, offset)
+        if name in tensors:
+            raise InvalidArgument(f"tensor '{name}': sent twice")
+        tensors[name] = array
+    if offset != len(blobs):
+        raise InvalidArgument(
+            f"binary data: {len(blobs)} bytes follow the JSON header, the inputs declare {offset}"
+        )
+    return request_of(tensors, deadline, request_id)
+
+
+def requested_outputs(document: dict, info: ModelInfo, model: str) -> tuple[dict[str, bool], bool]:
+    """(output name -> whether it goes back as binary data, the default for the others);
+    no names means every output."""
+    entries = document.get("outputs", [])
+    if not isinstance(entries, list):
+        raise InvalidArgument("outputs: must be a list")
+    default = _parameters(document, "request").get("binary_data_output", False)
+    known = {spec.name for spec in info.outputs}
+    wanted: dict[str, bool] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise InvalidArgument("outputs: every entry must be an object")
+        name = _field(entry, "name", str, "outputs")
+        if known and name not in known:
+            raise InvalidArgument(
+                f"outputs: '{name}' is not an output of model '{model}' "
+                f"(it has {', '.join(sorted(known))})"
+            )
+        parameters = _parameters(entry, f"output '{name}'")
+        if parameters.get("classification"):
+            raise InvalidArgument(f"output '{name}': classification is not supported by Coalesce")
+        wanted[name] = bool(parameters.get("binary_data", default))
+    return wanted, bool(default)
+
+
+def encode(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Tensors,
+    wanted: tuple[dict[str, bool], bool],
+) -> web.Response:
+    header: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id:
+        header["id"] = request_id
+    entries, blobs = [], []
+    binary, default = wanted
+    for name in binary or outputs:
+        array = outputs.get(name)
+        if array is None:
+            raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
+        shape = list(array.shape)
+        if binary.get(name, default):
+            datatype, raw = to_raw(array, name)
+            parameters = {"binary_data_size": len(raw)}
+            entries.append(
+                {"name": name, "datatype": datatype, "shape": shape, "parameters": parameters}
+            )
+            blobs.append(raw)
+        else:
+            datatype, data = datatype_of(array, name), to_json(array.reshape(-1), name)
+            entries.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
+    header["outputs"] = entries
+    body = dumps(header)
+    if not blobs:
+        return web.Response(body=body, content_type="application/json")
+    return web.Response(
+        body=b"".join([body, *blobs]),
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(body))},
+    )
+
+
+def _deadline(parameters: dict) -> float | None:
+    """Triton's `parameters.timeout` (microseconds), as a loop.time() deadline."""
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+    if not number or not 0 <= timeout < 1e15:  # also NaN, inf and 10**400 (beyond a float)
+        raise InvalidArgument("parameters.timeout: must be a non-negative number of microseconds")
+    return asyncio.get_running_loop().time() + timeout / 1e6
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
+    return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
+
+
+class KServeREST:
+    """/v2 endpoints over the router."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.router.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "coalesce", "version": __version__, "extensions": []})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        info = self.router.get(name, version).info()
+        route = access.route_of(self.router, name, version)
+        access.admit(self.router, route, access.HttpCaller(request), None)
+        return web.json_response(
+            {
+                "name": name,
+                "versions": list(info.versions),
+                "platform": info.platform,
+                "inputs": _tensors(info.inputs),
+                "outputs": _tensors(info.outputs),
+            }
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        ready = await self.router.get(name, version).adapter.ready()
+        return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        backend = self.router.get(name, version)
+        route = access.route_of(self.router, name, version)
+        caller = access.HttpCaller(request)
+        metadata = access.admit(self.router, route, caller, request.content_length)
+        body = await request.read()
+        access.check_size(route, len(body))  # a chunked body has no Content-Length
+        header, blobs = split_body(body, request.headers.get(HEADER_LENGTH))
+        document = parse(header)
+        decoded = decode(document, blobs)
+        decoded.metadata = metadata
+        if self.router.tracer is not None:
+            decoded.trace = carrier_of(request.headers.items())
+        wanted = requested_outputs(document, backend.info(), name)
+        outputs = await backend.infer(decoded)
+        version = version or backend.info().versions[0]
+        return encode(name, version, decoded.id, outputs, wanted)
+
+    def routes(self) -> list[web.RouteDef]:
+        model = "/v2/models/{name}"
+        versioned = "/v2/models/{name}/versions/{version}"
+        return [
+            web.get("/v2/health/live", self.live),
+            web.get("/v2/health/ready", self.ready),
+            web.get("/v2", self.server_metadata),
+            *(web.get(path, self.model_metadata) for path in (model, versioned)),
+            *(web.get(f"{path}/ready", self.model_ready) for path in (model, versioned)),
+            *(web.post(f"{path}/infer", self.infer) for path in (model, versioned)),
+        ]
