@@ -62,7 +62,7 @@ class ClientConnection(Endpoint):
         stream_id, self._next = self._next, self._next + 2
         if self._next > _MAX_STREAM_ID:
             self.draining = True  # the next call opens a new connection
-        stream = Stream(stream_id, self.peer_window)
+        stream = Stream(stream_id, self.peer_window, self.limits.stream_window)
         stream.call = future = self._loop.create_future()
         self.streams[stream_id] = stream
         headers = _FIXED + self._authority + literal(b":path", path)
@@ -85,7 +85,12 @@ class ClientConnection(Endpoint):
         if self.streams.pop(stream.id, None) is not None:
             self.reset(stream.id, CANCEL)
 
-    def on_headers(self, stream_id: int, fields: list[tuple[str, str]], end: bool) -> None:
+    def is_idle(self, stream_id: int) -> bool:
+        return stream_id >= self._next or not stream_id % 2
+
+    def on_headers(
+        self, stream_id: int, fields: list[tuple[str, str]], end: bool, problem: str | None
+    ) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             return  # expired or abandoned meanwhile
@@ -100,6 +105,7 @@ class ClientConnection(Endpoint):
             self._finish(stream, dict(fields))
 
     def on_data(self, stream: Stream, end: bool) -> None:
+        self.release(stream)  # the backend's answer is ours to keep: credit it at once
         if end:
             self._fail(stream, grpc.StatusCode.INTERNAL, "the answer ended without a status")
 

@@ -5,9 +5,11 @@ call to the loop through a poller thread and Cython glue, which costs ~125 µs o
 CPU per call here and ~0.3 ms of latency at light load. Framing in Python on the
 loop itself costs a few µs (benchmarks/h2_probe.py, `--scenarios floor`).
 
-`Endpoint` parses frames, keeps the HPACK decoder in step, does flow control in
-both directions and answers SETTINGS and PING. Its subclasses (h2server, h2client)
-say what headers, data, resets and GOAWAY mean on their side.
+`Endpoint` parses frames, checks each against RFC 9113, keeps the HPACK decoder in
+step, does flow control in both directions and answers SETTINGS and PING. What a
+peer may make it spend is bounded by `limits.Limits`: going over costs the peer its
+connection. Its subclasses (server, client) say what headers, data, resets and
+GOAWAY mean on their side.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import logging
 import struct
 from typing import Any
 
-from .hpack import Decoder, HpackError
+from coalesce.telemetry.logs import RateLimited
+
+from .hpack import Decoder, HeaderListTooLarge, HpackError
+from .limits import Budget, Limits, ReceivePool
 
 log = logging.getLogger("coalesce")
+_log = RateLimited(log)  # a flood of bad connections is one line every few seconds
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE = 0, 1, 2, 3, 4, 5
@@ -27,14 +33,14 @@ PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 6, 7, 8, 9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 4, 5, 6, 7
+CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 8, 9, 11
 
 MAX_FRAME = 16384  # we never raise SETTINGS_MAX_FRAME_SIZE: peers send at most this
 MAX_WINDOW = (1 << 31) - 1
-STREAM_WINDOW = 1 << 22  # what the peer may send on a stream before we acknowledge it
-CONNECTION_WINDOW = 1 << 30
-MAX_STREAMS = 1024
-MAX_HEADER_BLOCK = 1 << 16
+DEFAULT_WINDOW = 65535
+# Towards a backend we chose ourselves: wide windows, no shared receive pool.
+CLIENT_LIMITS = Limits(stream_window=1 << 22, connection_window=1 << 30)
 
 
 class ProtocolError(Exception):
@@ -51,29 +57,41 @@ class Stream:
     __slots__ = (
         "body",
         "call",
+        "ended",
+        "expected",
         "headers",
+        "held",
         "id",
         "pending",
         "received",
+        "recv_window",
+        "seen",
         "sent",
+        "stalled",
         "task",
         "too_big",
         "trailers",
         "window",
     )
 
-    def __init__(self, stream_id: int, window: int) -> None:
+    def __init__(self, stream_id: int, window: int, recv_window: int) -> None:
         self.id = stream_id
         self.headers: list[tuple[str, str]] | None = None
         self.body = bytearray()
+        self.held = 0  # body bytes not yet handed on: lent from the connection's window
         self.received = 0  # bytes since our last WINDOW_UPDATE for this stream
+        self.recv_window = recv_window  # what the peer may still send on it
         self.window = window  # what we may still send on it
         self.pending: memoryview | None = None  # DATA payload waiting for window
         self.trailers: bytes | None = None  # our closing HEADERS; None: END_STREAM on DATA
         self.sent = False  # our side is complete
+        self.ended = False  # the peer's side is complete (END_STREAM received)
+        self.expected = -1  # content-length, when the peer sent one
         self.task: asyncio.Task | None = None  # server: the handler
         self.call: Any = None  # client: the caller's future
         self.too_big = False
+        self.seen = -1  # body size at the last sweep, and since when it has not grown
+        self.stalled = 0.0
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -91,28 +109,49 @@ class Endpoint(asyncio.Protocol):
     expects_preface = False  # the server reads the client's preface first
     corks = True  # see write()
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = CLIENT_LIMITS, pool: ReceivePool | None = None) -> None:
+        self.limits = limits
+        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
-        self.decoder = Decoder()
-        self.send_window = 65535
-        self.peer_window = 65535  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self.decoder = Decoder(limits.max_header_list_size, self.check_fields)
+        self.send_window = DEFAULT_WINDOW
+        self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = 16384  # the peer's SETTINGS_MAX_FRAME_SIZE
         self.draining = False
+        self.acked = False  # the peer acknowledged our SETTINGS
         self.closed = asyncio.get_running_loop().create_future()
         self._buffer = b""
         self._started = not self.expects_preface
         self._block = bytearray()  # a header block continued in CONTINUATION frames
         self._block_stream = 0
         self._block_end = False
-        self._received = 0  # DATA bytes since our last connection WINDOW_UPDATE
+        self._block_error = 0  # a stream error found in the HEADERS frame itself
+        self._continuations = 0
+        self.block_since = 0.0  # when the header block being continued began
+        # receive flow control (see _credit): what the peer may still send us, and the
+        # bytes it sent that we have not credited back yet, held in bodies or consumed
+        self._recv_window = DEFAULT_WINDOW
+        self._uncredited_held = 0
+        self._uncredited_done = 0
+        self._lent = 0  # held bytes credited with the pool's credit
+        self._credit_step = limits.connection_window // 4
+        self.held = 0
         self._blocked: dict[int, Stream] = {}  # streams waiting for send window
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] | None = None  # frames waiting for this loop pass to end
+        self.budgets = {
+            kind: Budget(*getattr(limits, kind + "_rate"))
+            for kind in ("settings", "ping", "reset", "window_update", "priority", "empty_frame")
+        }
+        self._window_updates, self._pings = self.budgets["window_update"], self.budgets["ping"]
 
     # hooks
 
-    def on_headers(self, stream_id: int, fields: list[tuple[str, str]], end: bool) -> None:
+    def on_headers(
+        self, stream_id: int, fields: list[tuple[str, str]], end: bool, problem: str | None
+    ) -> None:
+        """A complete header block; `problem` says what check_fields found wrong in it."""
         raise NotImplementedError
 
     def on_data(self, stream: Stream, end: bool) -> None:
@@ -131,17 +170,36 @@ class Endpoint(asyncio.Protocol):
     def on_lost(self) -> None:
         """The connection is gone."""
 
+    def is_idle(self, stream_id: int) -> bool:
+        """Whether `stream_id` was never opened (RFC 9113 5.1): frames on it are errors."""
+        return False
+
+    def check_fields(self, fields: list[tuple[str, str]]) -> str | None:
+        """What makes a header list malformed on this side, or None (cached per block)."""
+        return None
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        limits = self.limits
         settings = struct.pack(
-            ">HIHIHIHI", 0x2, 0, 0x3, MAX_STREAMS, 0x4, STREAM_WINDOW, 0x6, MAX_HEADER_BLOCK
+            ">HIHIHIHI",
+            0x2,
+            0,
+            0x3,
+            limits.max_concurrent_streams,
+            0x4,
+            limits.stream_window,
+            0x6,
+            limits.max_header_list_size,
         )
-        window = (CONNECTION_WINDOW - 65535).to_bytes(4, "big")
+        extra = limits.connection_window - DEFAULT_WINDOW
+        self._recv_window += extra
+        window = frame(WINDOW_UPDATE, 0, 0, extra.to_bytes(4, "big")) if extra > 0 else b""
         preface = b"" if self.expects_preface else PREFACE
         self.transport.write(  # first, and nothing is waiting yet: straight out
-            preface + frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, window)
+            preface + frame(SETTINGS, 0, 0, settings) + window
         )
 
     def data_received(self, data: bytes) -> None:
@@ -149,13 +207,26 @@ class Endpoint(asyncio.Protocol):
         try:
             used = self._frames(buffer)
         except ProtocolError as exc:
+            self._buffer = b""
             self.close(exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug must cost this connection only, and one log line
+            self._buffer = b""
+            _log.log("bug", logging.ERROR, "HTTP/2 connection failed: %r", exc, exc_info=exc)
+            self.close(INTERNAL_ERROR, f"internal error: {type(exc).__name__}", quiet=True)
             return
         self._buffer = buffer[used:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._blocked.clear()
         self._out = None
+        pool = self.pool
+        if pool is not None:  # what this connection was lent goes back
+            pool.waiting.discard(self)
+            pool.free += self._lent
+            self._lent = 0
+            for waiting in list(pool.waiting):
+                waiting._credit()
         if not self.closed.done():
             self.closed.set_result(None)
         self.on_lost()
@@ -175,8 +246,10 @@ class Endpoint(asyncio.Protocol):
         if not self._started:
             if buffer[: len(PREFACE)] != PREFACE[:end]:
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            if end < len(PREFACE):
+            if end < len(PREFACE + b"\0\0\0\x04"):
                 return 0
+            if buffer[len(PREFACE) + 3] != SETTINGS:
+                raise ProtocolError(PROTOCOL_ERROR, "the preface must be followed by SETTINGS")
             pos, self._started = len(PREFACE), True
         while end - pos >= 9:
             length = int.from_bytes(buffer[pos : pos + 3], "big")
@@ -202,16 +275,14 @@ class Endpoint(asyncio.Protocol):
             elif kind == WINDOW_UPDATE:
                 self._window_update(stream_id, payload)
             elif kind == PING:
-                if len(payload) != 8 or stream_id:
-                    raise ProtocolError(FRAME_SIZE_ERROR, "bad PING")
-                if not flags & ACK:
-                    self.write(frame(PING, ACK, 0, payload))
+                self._ping(stream_id, flags, payload)
             elif kind == RST_STREAM:
-                if len(payload) != 4 or not stream_id:
-                    raise ProtocolError(PROTOCOL_ERROR, "bad RST_STREAM")
-                self._blocked.pop(stream_id, None)
-                self.on_reset(stream_id, int.from_bytes(payload, "big"))
+                self._rst_stream(stream_id, payload)
+            elif kind == PRIORITY:
+                self._priority(stream_id, payload)
             elif kind == GOAWAY:
+                if stream_id:
+                    raise ProtocolError(PROTOCOL_ERROR, "GOAWAY on a stream")
                 if len(payload) < 8:
                     raise ProtocolError(FRAME_SIZE_ERROR, "bad GOAWAY")
                 last, code = struct.unpack_from(">II", payload)
@@ -219,37 +290,117 @@ class Endpoint(asyncio.Protocol):
                 self.on_goaway(last & 0x7FFFFFFF, code)
             elif kind == PUSH_PROMISE:
                 raise ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE is not enabled")
-            # PRIORITY and unknown frame types are ignored, as RFC 9113 allows
+            else:  # unknown frame types are ignored, as RFC 9113 4.1 says, within a budget
+                self._spend("empty_frame", "frames that carry nothing")
         return pos
 
+    def _spend(self, budget: str, what: str) -> None:
+        if not self.budgets[budget].spend():
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"too many {what}")
+
     def _data(self, stream_id: int, flags: int, payload: bytes) -> None:
-        size = len(payload)
-        self._received += size
-        if self._received >= CONNECTION_WINDOW // 4:
-            self.write(frame(WINDOW_UPDATE, 0, 0, self._received.to_bytes(4, "big")))
-            self._received = 0
+        if not stream_id:
+            raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)  # padding included: it counts against the windows
+        self._recv_window -= size
+        if self._recv_window < 0:
+            raise ProtocolError(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         if flags & PADDED:
             payload = _unpad(payload)
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return  # a stream that was reset or answered: the window is counted, drop it
         end = bool(flags & END_STREAM)
-        stream.body += payload
-        if not end:
+        if not size and not end:
+            self._spend("empty_frame", "frames that carry nothing")
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.ended:
+            if self.is_idle(stream_id):
+                raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            self._consumed(size)
+            self._spend("empty_frame", "frames on closed streams")
+            self.reset(stream_id, STREAM_CLOSED)
+            return
+        stream.recv_window -= size
+        if stream.recv_window < 0:
+            self._consumed(size)
+            self.stream_error(stream, FLOW_CONTROL_ERROR)
+            return
+        if stream.too_big:
+            self._consumed(size)  # not kept: credited back at once
+        else:
+            stream.body += payload
+            stream.held += size
+            self.held += size
+            self._uncredited_held += size
+            if self._uncredited_held + self._uncredited_done >= self._credit_step:
+                self._credit()
+        if end:
+            stream.ended = True
+        else:
             stream.received += size
-            if stream.received >= STREAM_WINDOW // 2:
-                self.write(
-                    frame(WINDOW_UPDATE, 0, stream_id, stream.received.to_bytes(4, "big"))
-                )
+            if stream.received >= self.limits.stream_window // 2 and not stream.too_big:
+                self.write(frame(WINDOW_UPDATE, 0, stream_id, stream.received.to_bytes(4, "big")))
+                stream.recv_window += stream.received
                 stream.received = 0
         self.on_data(stream, end)
+
+    def _consumed(self, size: int) -> None:
+        self._uncredited_done += size
+        if self._uncredited_done >= self._credit_step:
+            self._credit()
+
+    def release(self, stream: Stream) -> None:
+        """`stream`'s body has been handed on (or dropped): its bytes may be credited."""
+        held, stream.held = stream.held, 0
+        if not held:
+            return
+        self.held -= held
+        uncredited = min(held, self._uncredited_held)
+        self._uncredited_held -= uncredited
+        self._uncredited_done += uncredited
+        lent = held - uncredited
+        pool = self.pool
+        if lent and pool is not None:
+            self._lent -= lent
+            pool.free += lent
+            for waiting in list(pool.waiting):
+                waiting._credit()
+        self._credit()
+
+    def _credit(self) -> None:
+        """Connection WINDOW_UPDATE, a quarter of the window at a time.
+
+        The peer may always have `connection_window` bytes in flight. Bytes consumed are
+        credited back unconditionally; bytes still held in bodies that are arriving only
+        with credit lent by the server's pool: what unfinished bodies hold across every
+        connection stays bounded, and finished calls never wait for credit."""
+        held = self._uncredited_held
+        pool = self.pool
+        lend = held if pool is None else min(held, max(pool.free, 0))
+        grant = self._uncredited_done + lend
+        if pool is not None:
+            if lend < held:
+                pool.waiting.add(self)
+            else:
+                pool.waiting.discard(self)
+        if grant < self._credit_step:
+            return
+        if pool is not None and lend:
+            pool.free -= lend
+            self._lent += lend
+        self._uncredited_done, self._uncredited_held = 0, held - lend
+        self._recv_window += grant
+        self.write(frame(WINDOW_UPDATE, 0, 0, grant.to_bytes(4, "big")))
 
     def _headers(self, stream_id: int, flags: int, payload: bytes) -> None:
         if not stream_id:
             raise ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
         if flags & PADDED:
             payload = _unpad(payload)
+        self._block_error = 0
         if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise ProtocolError(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == stream_id:
+                self._block_error = PROTOCOL_ERROR  # depends on itself (RFC 9113 5.3.1)
             payload = payload[5:]
         self._block = bytearray(payload)
         self._block_end = bool(flags & END_STREAM)
@@ -257,61 +408,141 @@ class Endpoint(asyncio.Protocol):
             self._header_block(stream_id)
         else:
             self._block_stream = stream_id
+            self._continuations = 0
+            self.block_since = self._loop.time()
 
     def _continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
-        if stream_id != self._block_stream:
+        if not self._block_stream or stream_id != self._block_stream:
             raise ProtocolError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        self._continuations += 1
+        if self._continuations > self.limits.max_continuations:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
         self._block += payload
-        if len(self._block) > MAX_HEADER_BLOCK:
-            raise ProtocolError(PROTOCOL_ERROR, "header block too large")
+        if len(self._block) > self.limits.max_header_list_size:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             self._block_stream = 0
             self._header_block(stream_id)
 
     def _header_block(self, stream_id: int) -> None:
         try:  # decoded whatever becomes of the stream: the table must stay in step
-            fields = self.decoder.decode(bytes(self._block))
+            fields, problem = self.decoder.decode(bytes(self._block))
+        except HeaderListTooLarge as exc:
+            raise ProtocolError(ENHANCE_YOUR_CALM, str(exc)) from None
         except HpackError as exc:
             raise ProtocolError(COMPRESSION_ERROR, str(exc)) from None
-        self.on_headers(stream_id, fields, self._block_end)
+        if self._block_error:
+            self.reset(stream_id, self._block_error)
+            self.streams.pop(stream_id, None)
+            return
+        self.on_headers(stream_id, fields, self._block_end, problem)
 
     def _settings(self, stream_id: int, flags: int, payload: bytes) -> None:
         if stream_id:
             raise ProtocolError(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            if payload:
+                raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self.acked = True
             return
         if len(payload) % 6:
             raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS length")
+        self._spend("settings", "SETTINGS frames")
+        window = self.peer_window
         for pos in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, pos)
-            if key == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams too
+            if key == 0x2 and value > 1:
+                raise ProtocolError(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
+            if key == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams too (once below)
                 if value > MAX_WINDOW:
                     raise ProtocolError(FLOW_CONTROL_ERROR, "initial window too large")
-                delta, self.peer_window = value - self.peer_window, value
-                for stream in self.streams.values():
-                    stream.window += delta
+                window = value
             elif key == 0x5:
                 if not 16384 <= value <= (1 << 24) - 1:
                     raise ProtocolError(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_frame = value
+        if window != self.peer_window:  # one pass over the streams per frame, not per entry
+            delta, self.peer_window = window - self.peer_window, window
+            for stream in self.streams.values():
+                stream.window += delta
+                if stream.window > MAX_WINDOW:
+                    raise ProtocolError(FLOW_CONTROL_ERROR, "a stream window overflows")
         self.write(frame(SETTINGS, ACK, 0))
         self._flush_blocked()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        self._spend("window_update", "WINDOW_UPDATE frames")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if not stream_id:
+            if not increment:
+                raise ProtocolError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
                 raise ProtocolError(FLOW_CONTROL_ERROR, "connection window overflow")
             self._flush_blocked()
             return
         stream = self.streams.get(stream_id)
+        if stream is None:
+            if self.is_idle(stream_id):
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
+            return  # a stream we closed: allowed, ignored
+        if not increment:
+            self.stream_error(stream, PROTOCOL_ERROR)
+            return
+        stream.window += increment
+        if stream.window > MAX_WINDOW:
+            self.stream_error(stream, FLOW_CONTROL_ERROR)
+        elif stream.pending is not None:
+            self._send_data(stream)
+
+    def _ping(self, stream_id: int, flags: int, payload: bytes) -> None:
+        if stream_id:
+            raise ProtocolError(PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ProtocolError(FRAME_SIZE_ERROR, "bad PING")
+        if not flags & ACK:
+            self._spend("ping", "PING frames")
+            self.write(frame(PING, ACK, 0, payload))
+
+    def _rst_stream(self, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ProtocolError(FRAME_SIZE_ERROR, "bad RST_STREAM")
+        if self.is_idle(stream_id):
+            raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self._spend("empty_frame", "frames on closed streams")
+            return
+        if not stream.sent:  # reset before we answered: Rapid Reset's currency
+            self._spend("reset", "streams reset before their answer")
+        self._blocked.pop(stream_id, None)
+        self.release(stream)
+        self.on_reset(stream_id, int.from_bytes(payload, "big"))
+
+    def _priority(self, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            raise ProtocolError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        self._spend("priority", "PRIORITY frames")
+        stream = self.streams.get(stream_id)
+        if len(payload) != 5:
+            self.reset(stream_id, FRAME_SIZE_ERROR)  # a stream error (RFC 9113 6.3)
+        elif int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == stream_id:
+            self.reset(stream_id, PROTOCOL_ERROR)
+        else:
+            return  # advisory: we do not prioritise
         if stream is not None:
-            stream.window += increment
-            if stream.pending is not None:
-                self._send_data(stream)
+            self.release(stream)
+            self.on_reset(stream_id, CANCEL)
+
+    def stream_error(self, stream: Stream, code: int) -> None:
+        """RST_STREAM `code` for a stream the peer misused; its handler is told as by a reset."""
+        self.reset(stream.id, code)
+        self.release(stream)
+        self.on_reset(stream.id, CANCEL)
 
     # frames out
 
@@ -321,6 +552,7 @@ class Endpoint(asyncio.Protocol):
         sid = stream.id.to_bytes(4, "big")
         size = len(data)
         head = len(headers).to_bytes(3, "big") + bytes((HEADERS, END_HEADERS)) + sid + headers
+        self._earn()
         if size <= self.send_window and size <= stream.window and size <= self.peer_frame:
             self.send_window -= size
             stream.window -= size
@@ -347,9 +579,15 @@ class Endpoint(asyncio.Protocol):
 
     def send_headers_only(self, stream: Stream, headers: bytes) -> None:
         """One HEADERS frame that ends our side (gRPC's trailers-only answer)."""
+        self._earn()
         self.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, headers))
         stream.sent = True
         self.on_sent(stream)
+
+    def _earn(self) -> None:
+        """Each answer lets the peer acknowledge it: a WINDOW_UPDATE and a PING more."""
+        self._window_updates.earn(1.0)
+        self._pings.earn(1.0)
 
     def reset(self, stream_id: int, code: int) -> None:
         self._blocked.pop(stream_id, None)
@@ -409,11 +647,11 @@ class Endpoint(asyncio.Protocol):
                 return
             self._send_data(stream)
 
-    def close(self, code: int, message: str, last_stream: int = 0) -> None:
+    def close(self, code: int, message: str, last_stream: int = 0, quiet: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if code != NO_ERROR:
-            log.warning("closing an HTTP/2 connection: %s", message)
+        if code != NO_ERROR and not quiet:
+            _log.log(code, logging.WARNING, "closing an HTTP/2 connection: %s", message)
         payload = struct.pack(">II", last_stream, code) + message.encode()[:200]
         self.write(frame(GOAWAY, 0, 0, payload))
         self.flush()

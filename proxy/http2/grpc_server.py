@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import logging
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -18,7 +19,8 @@ import grpc
 
 from .endpoint import Stream
 from .hpack import literal
-from .server import ServerConnection
+from .limits import Limits
+from .server import Listener, ServerConnection
 
 log = logging.getLogger("coalesce")
 
@@ -123,13 +125,22 @@ class GrpcApp:
                 encoding = value
             elif name not in HIDDEN:
                 if name.endswith("-bin"):
-                    value = base64.b64decode(value + "==")  # type: ignore[assignment]
+                    try:
+                        value = base64.b64decode(value + "==")  # type: ignore[assignment]
+                    except binascii.Error:
+                        self._trailers_only(
+                            connection,
+                            stream,
+                            grpc.StatusCode.INTERNAL,
+                            f"metadata {name} is not base64",
+                        )
+                        return
                 metadata.append((name, value))
         if method != "POST":
-            connection.answer_headers_only(stream, literal(b":status", b"405"))
+            _plain(connection, stream, b"405", b"a gRPC server: calls are POST requests\n")
             return
         if not content_type.startswith("application/grpc"):
-            connection.answer_headers_only(stream, literal(b":status", b"415"))
+            _plain(connection, stream, b"415", b"a gRPC server: content-type application/grpc\n")
             return
         handler = self._method(path)
         error = None
@@ -209,41 +220,36 @@ class GrpcApp:
         connection.answer_headers_only(stream, RESPONSE_HEADERS + status_trailers(code, message))
 
 
-class NativeServer:
-    """The fast_listen listener: accepts connections, drains them on close."""
+def _plain(connection: ServerConnection, stream: Stream, status: bytes, text: bytes) -> None:
+    """An HTTP answer with a body for what is no gRPC call (a browser, curl, a prober)."""
+    headers = literal(b":status", status) + literal(b"content-type", b"text/plain")
+    connection.answer(stream, headers, text, None)
 
-    def __init__(self, handlers: Iterable[grpc.GenericRpcHandler], max_message: int) -> None:
+
+class NativeServer:
+    """The fast_listen listener: a Listener of our HTTP/2 serving the gRPC handlers."""
+
+    def __init__(
+        self,
+        handlers: Iterable[grpc.GenericRpcHandler],
+        max_message: int,
+        limits: Limits | None = None,
+    ) -> None:
         self.app = GrpcApp(handlers)
-        self.max_body = max_message + 5
-        self.connections: set[ServerConnection] = set()
-        self._server: asyncio.Server | None = None
+        self.listener = Listener(self.app, max_message + 5, limits or Limits())
         self.port = 0
 
-    async def start(self, address: str, reuse_port: bool = False) -> int:
-        host, _, port = address.rpartition(":")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection, host.strip("[]") or None, int(port), reuse_port=reuse_port or None
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
+    @property
+    def connections(self) -> set[ServerConnection]:
+        return self.listener.connections
 
-    def _connection(self) -> ServerConnection:
-        connection = ServerConnection(self.app, self.max_body, self.connections.discard)
-        self.connections.add(connection)
-        return connection
+    async def start(self, address: str, reuse_port: bool = False) -> int:
+        self.port = await self.listener.start(address, reuse_port)
+        return self.port
 
     async def stop(self, grace: float) -> None:
         """GOAWAY to every connection; what is in flight has `grace` seconds to finish."""
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self.connections):
-            connection.goaway()
-        waiting = [c.closed for c in self.connections]
-        if waiting:
-            await asyncio.wait(waiting, timeout=grace)
+        await self.listener.stop(grace)
         for task in list(self.app.tasks):
             task.cancel()
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.close()
+        self.listener.abort()

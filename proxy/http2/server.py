@@ -1,25 +1,87 @@
 """The server side of coalesce.http2.endpoint: requests in, answers out.
 
 A complete request (headers, body, END_STREAM) goes to `app.request(connection,
-stream)`; `answer(...)` or `answer_headers_only(...)` sends its response. gRPC's
+stream)`; `answer(...)` or `answer_headers_only(...)` sends its response. A request
+is checked against RFC 9113 8.1-8.3 first: a malformed one is reset, never seen by the
+app. `Listener` accepts connections within the limits and runs their timeouts. gRPC's
 rules live in coalesce.http2.grpc_server.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+import socket
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
 from .endpoint import (
+    CANCEL,
+    ENHANCE_YOUR_CALM,
     GOAWAY,
-    MAX_STREAMS,
+    NO_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
+    SETTINGS_TIMEOUT,
+    STREAM_CLOSED,
     Endpoint,
     ProtocolError,
     Stream,
     frame,
 )
+from .limits import Limits, ReceivePool
+
+HAS_LENGTH = "content-length"  # check_fields' answer for a valid list with a content-length
+_CONNECTION_SPECIFIC = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
+)
+_REQUEST_PSEUDO = frozenset((":method", ":scheme", ":authority", ":path"))
+_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")  # a lowercase token (RFC 9110 5.1)
+_BAD_VALUE = re.compile(r"[\0\r\n]|^[ \t]|[ \t]\Z")
+
+
+def request_problem(fields: list[tuple[str, str]]) -> str | None:
+    """What makes a request's header list malformed (RFC 9113 8.2, 8.3), or None."""
+    seen: set[str] = set()
+    regular = length = False
+    for name, value in fields:
+        if not name:
+            return "an empty header name"
+        if name[0] == ":":
+            if regular:
+                return f"pseudo-header {name} after a regular header"
+            if name not in _REQUEST_PSEUDO:
+                return f"pseudo-header {name} is not a request's"
+            if name in seen:
+                return f"pseudo-header {name} twice"
+            if name == ":path" and not value:
+                return "an empty :path"
+            seen.add(name)
+        else:
+            regular = True
+            if _BAD_NAME.search(name):
+                return f"header name {name!r} is not a lowercase token"
+            if name in _CONNECTION_SPECIFIC:
+                return f"connection-specific header {name}"
+            if name == "te" and value != "trailers":
+                return "te other than trailers"
+            if name == "content-length":
+                if not value.isdigit():
+                    return "a content-length that is no number"
+                length = True
+        if value and _BAD_VALUE.search(value):
+            return f"header {name} has a forbidden character or surrounding space"
+    if ":method" not in seen or ":scheme" not in seen or ":path" not in seen:
+        return "a request without :method, :scheme and :path"
+    return HAS_LENGTH if length else None
+
+
+def _trailers_problem(fields: list[tuple[str, str]]) -> str | None:
+    for name, _ in fields:
+        if not name or name[0] == ":" or _BAD_NAME.search(name):
+            return f"trailer {name!r}"
+    return None
 
 
 class App(Protocol):
@@ -30,66 +92,118 @@ class ServerConnection(Endpoint):
     expects_preface = True
 
     def __init__(
-        self, app: App, max_body: int, on_close: Callable[[ServerConnection], None]
+        self,
+        app: App,
+        max_body: int,
+        on_close: Callable[[ServerConnection], None],
+        limits: Limits | None = None,
+        pool: ReceivePool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(limits or Limits(), pool)
         self.app = app
         self.max_body = max_body
         self._on_close = on_close
         self.peer = ""
         self.last_stream = 0
+        self.born = self.idle_since = self._loop.time()
+        self._reset: set[int] = set()  # streams we reset: their late frames are no error
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
 
-    def on_headers(self, stream_id: int, fields: list[tuple[str, str]], end: bool) -> None:
+    def is_idle(self, stream_id: int) -> bool:
+        return stream_id > self.last_stream or not stream_id % 2
+
+    def check_fields(self, fields: list[tuple[str, str]]) -> str | None:
+        return request_problem(fields)
+
+    def reset(self, stream_id: int, code: int) -> None:
+        if len(self._reset) >= 1024:
+            self._reset.clear()
+        self._reset.add(stream_id)
+        super().reset(stream_id, code)
+
+    def on_headers(
+        self, stream_id: int, fields: list[tuple[str, str]], end: bool, problem: str | None
+    ) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers after the body: they must end the stream
-            if not end:
-                raise ProtocolError(PROTOCOL_ERROR, "trailers without END_STREAM")
-            self._complete(stream)
+            if stream.ended:
+                self.stream_error(stream, STREAM_CLOSED)
+            elif not end or _trailers_problem(fields):
+                self.stream_error(stream, PROTOCOL_ERROR)
+            else:
+                self._end(stream)
             return
-        if stream_id <= self.last_stream and stream_id % 2 and end:
-            return  # trailers of a stream we already answered (or reset)
-        if stream_id % 2 == 0 or stream_id <= self.last_stream:
-            raise ProtocolError(PROTOCOL_ERROR, f"stream id {stream_id} out of order")
+        if self.is_idle(stream_id):
+            if not stream_id % 2:
+                raise ProtocolError(PROTOCOL_ERROR, f"even stream id {stream_id}")
+        elif stream_id in self._reset:
+            return  # a stream we reset: the peer may not know yet
+        else:
+            raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
         self.last_stream = stream_id
-        if self.draining or len(self.streams) >= MAX_STREAMS:
+        if problem is not None and problem is not HAS_LENGTH:
+            self.reset(stream_id, PROTOCOL_ERROR)  # malformed (RFC 9113 8.1.1)
+            return
+        if self.draining or len(self.streams) >= self.limits.max_concurrent_streams:
+            self._spend("empty_frame", "streams beyond SETTINGS_MAX_CONCURRENT_STREAMS")
             self.reset(stream_id, REFUSED_STREAM)
             return
-        stream = self.streams[stream_id] = Stream(stream_id, self.peer_window)
+        stream = self.streams[stream_id] = Stream(
+            stream_id, self.peer_window, self.limits.stream_window
+        )
         stream.headers = fields
+        if problem is HAS_LENGTH:
+            stream.expected = int(next(v for n, v in fields if n == "content-length"))
         if end:
-            self._complete(stream)
+            self._end(stream)
 
     def on_data(self, stream: Stream, end: bool) -> None:
-        if stream.task is not None or stream.sent:
-            stream.body = bytearray()  # data after END_STREAM or after we answered: dropped
-            return
-        if len(stream.body) > self.max_body:
-            stream.too_big = True  # answered RESOURCE_EXHAUSTED at the end; keep no bytes
+        if len(stream.body) > self.max_body and not stream.too_big:
+            stream.too_big = True  # answered at once (RESOURCE_EXHAUSTED); no bytes kept
             stream.body = bytearray()
-        if end:
-            self._complete(stream)
-
-    def _complete(self, stream: Stream) -> None:
-        if stream.task is None and not stream.sent:
+            self.release(stream)
             self.app.request(self, stream)
+            if not stream.sent:
+                return
+            self.reset(stream.id, NO_ERROR)  # the rest of the body is not needed
+            return
+        if end:
+            self._end(stream)
+
+    def _end(self, stream: Stream) -> None:
+        """The peer's side is complete: hand the request on (its bytes are consumed)."""
+        stream.ended = True
+        if stream.too_big or stream.task is not None or stream.sent:
+            return
+        if stream.expected >= 0 and stream.expected != len(stream.body):
+            self.stream_error(stream, PROTOCOL_ERROR)  # content-length mismatch (8.1.1)
+            return
+        self.release(stream)
+        self.app.request(self, stream)
 
     def on_reset(self, stream_id: int, code: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None and stream.task is not None:
             stream.task.cancel()
-        self._close_if_done()
+        self._forgot()
 
     def on_goaway(self, last_stream: int, code: int) -> None:
         self._close_if_done()
 
     def on_sent(self, stream: Stream) -> None:
-        """Both sides are closed: a request is answered only once its body has ended."""
+        """Our side is closed. A request is answered once its body has ended, or early
+        (too big), and then reset, so the stream is done either way."""
         self.streams.pop(stream.id, None)
+        self.release(stream)
+        self._forgot()
+
+    def _forgot(self) -> None:
+        if not self.streams:
+            self.idle_since = self._loop.time()
         self._close_if_done()
 
     def on_lost(self) -> None:
@@ -99,7 +213,9 @@ class ServerConnection(Endpoint):
         self.streams.clear()
         self._on_close(self)
 
-    def answer(self, stream: Stream, headers: bytes, data: bytes, trailers: bytes) -> None:
+    def answer(
+        self, stream: Stream, headers: bytes, data: bytes, trailers: bytes | None
+    ) -> None:
         if self._open(stream):
             self.send(stream, headers, data, trailers)
 
@@ -119,10 +235,105 @@ class ServerConnection(Endpoint):
         self.write(frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + bytes(4)))
         self._close_if_done()
 
-    def close(self, code: int, message: str, last_stream: int = 0) -> None:
-        super().close(code, message, last_stream or self.last_stream)
+    def close(self, code: int, message: str, last_stream: int = 0, quiet: bool = False) -> None:
+        super().close(code, message, last_stream or self.last_stream, quiet)
 
     def _close_if_done(self) -> None:
         if self.draining and not self.streams and self.transport is not None:
             self.flush()
             self.transport.close()
+
+    def sweep(self, now: float) -> None:
+        """The timeouts, checked once a second by the Listener."""
+        limits, age = self.limits, now - self.born
+        if not self._started and age > limits.preface_timeout_s:
+            self.close(PROTOCOL_ERROR, "no connection preface in time", quiet=True)
+        elif not self.acked and age > limits.settings_ack_timeout_s:
+            self.close(SETTINGS_TIMEOUT, "SETTINGS not acknowledged in time", quiet=True)
+        elif self._block_stream and now - self.block_since > limits.header_timeout_s:
+            self.close(ENHANCE_YOUR_CALM, "a header block not completed in time", quiet=True)
+        elif not self.streams:
+            if now - self.idle_since > limits.idle_timeout_s:
+                self.goaway()
+        else:
+            for stream in list(self.streams.values()):
+                if stream.ended or stream.task is not None or stream.sent:
+                    continue  # its body is complete: the handler has it
+                if stream.held != stream.seen:
+                    stream.seen, stream.stalled = stream.held, now
+                elif now - stream.stalled > limits.body_timeout_s:
+                    self.stream_error(stream, CANCEL)  # a body that stopped arriving
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over max_connections: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class Listener:
+    """Accepts connections for an App within the limits, sweeps their timeouts once a
+    second, and drains them on stop."""
+
+    def __init__(self, app: App, max_body: int, limits: Limits) -> None:
+        self.app, self.max_body, self.limits = app, max_body, limits
+        self.pool = ReceivePool(limits.max_buffered_bytes)
+        self.connections: set[ServerConnection] = set()
+        self.refused = 0
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.port = 0
+
+    async def start(
+        self, address: str, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+    ) -> int:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._connection,
+            host.strip("[]") or None,
+            int(port),
+            reuse_port=reuse_port or None,
+            backlog=self.limits.backlog,
+            ssl=tls,
+        )
+        sock = self._server.sockets[0]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = sock.getsockname()[1]
+        self._sweeper = loop.call_later(1.0, self._sweep)
+        return self.port
+
+    def _connection(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.limits.max_connections:
+            self.refused += 1
+            return _Refused()
+        connection = ServerConnection(
+            self.app, self.max_body, self.connections.discard, self.limits, self.pool
+        )
+        self.connections.add(connection)
+        return connection
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for connection in list(self.connections):
+            connection.sweep(now)
+        self._sweeper = loop.call_later(1.0, self._sweep)
+
+    async def stop(self, grace: float) -> None:
+        """GOAWAY to every connection; what is in flight has `grace` seconds to finish."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.goaway()
+        waiting = [c.closed for c in self.connections]
+        if waiting:
+            await asyncio.wait(waiting, timeout=grace)
+
+    def abort(self) -> None:
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
