@@ -629,6 +629,85 @@ def _route_keys(route: Route) -> list[tuple[str, str]]:
     return keys + ([] if route.label is None else [(route.model, f"{name} label {route.label!r}")])
 
 
+_Rate = tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(ge=0)]]
+
+
+class Http2(_Strict):
+    """What one peer may make Coalesce's own HTTP/2 server spend (coalesce.http2.limits).
+    Going over a budget costs that peer its connection (GOAWAY ENHANCE_YOUR_CALM), never
+    anyone else's calls. Rates are `[burst, per_second]` token buckets per connection;
+    the defaults follow nghttp2's and Envoy's."""
+
+    max_concurrent_streams: int = Field(
+        1024, ge=1, description="SETTINGS_MAX_CONCURRENT_STREAMS; streams beyond are refused."
+    )
+    max_header_list_size: int = Field(
+        65536,
+        ge=1024,
+        description="SETTINGS_MAX_HEADER_LIST_SIZE, enforced while decoding: a bigger header "
+        "list (an HPACK bomb) closes the connection.",
+    )
+    max_continuations: int = Field(
+        16, ge=1, description="CONTINUATION frames one header block may use."
+    )
+    stream_window: int = Field(
+        1 << 20, ge=65535, le=(1 << 31) - 1, description="SETTINGS_INITIAL_WINDOW_SIZE (bytes)."
+    )
+    connection_window: int = Field(
+        1 << 20,
+        ge=65535,
+        le=(1 << 31) - 1,
+        description="Bytes one connection may have in flight to us; credited back as they "
+        "are consumed.",
+    )
+    max_buffered_bytes: int = Field(
+        128 << 20,
+        ge=1 << 20,
+        description="Bytes of request bodies still arriving that all connections together "
+        "may hold beyond their windows; past it their senders wait (flow control).",
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections; more are closed as they are accepted."
+    )
+    backlog: int = Field(4096, ge=1, description="The listening socket's accept queue.")
+    preface_timeout_s: float = Field(
+        10.0, gt=0, description="Time for a new connection's preface and first SETTINGS."
+    )
+    settings_ack_timeout_s: float = Field(
+        10.0, gt=0, description="Time for the peer to acknowledge our SETTINGS."
+    )
+    idle_timeout_s: float = Field(
+        300.0, gt=0, description="A connection with no stream open this long gets GOAWAY."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time to finish a header block continued in CONTINUATIONs."
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request body may stop arriving before its stream is reset.",
+    )
+    settings_rate: _Rate = Field((100, 10), description="SETTINGS frames.")
+    ping_rate: _Rate = Field((1000, 100), description="PING frames (each answer earns one).")
+    reset_rate: _Rate = Field(
+        (1000, 33), description="Streams the peer resets before their answer (Rapid Reset)."
+    )
+    window_update_rate: _Rate = Field(
+        (10000, 1000), description="WINDOW_UPDATE frames (each answer earns one)."
+    )
+    priority_rate: _Rate = Field((1000, 100), description="PRIORITY frames.")
+    empty_frame_rate: _Rate = Field(
+        (1000, 100),
+        description="Frames that carry nothing: empty DATA, unknown types, frames on closed "
+        "streams, streams refused.",
+    )
+    header_bytes_rate: _Rate = Field(
+        (1 << 20, 128 << 10),
+        description="Bytes of header blocks over 512 bytes (each answer earns 4096): "
+        "decoding costs loop time.",
+    )
+
+
 class Config(_Strict):
     """A whole Coalesce configuration."""
 
@@ -661,6 +740,9 @@ class Config(_Strict):
         10.0, ge=0, description="On SIGTERM, how long queued and in-flight requests may finish."
     )
     max_message_mb: float = Field(64, gt=0, description="Largest gRPC message, either way.")
+    http2: Http2 = Field(
+        default_factory=Http2, description="Limits of Coalesce's own HTTP/2 server."
+    )
     tracing: Tracing | None = Field(
         None, description="OpenTelemetry spans per request; null (the default) is off."
     )
@@ -698,6 +780,11 @@ class Config(_Strict):
             problems.append("listen: workers > 1 need a fixed port to share, not port 0")
         if self.fast_listen and self.tls:
             problems.append("fast_listen: speaks no TLS; with tls set, use listen only")
+        if self.http2.max_buffered_bytes < self.max_message_mb * (1 << 20):
+            problems.append(
+                "http2.max_buffered_bytes: smaller than max_message_mb, so the largest "
+                "message could never arrive"
+            )
         if self.fast_listen and self.workers > 1 and self.fast_listen.endswith(":0"):
             problems.append("fast_listen: workers > 1 need a fixed port to share, not port 0")
         for i, route in enumerate(self.routes):

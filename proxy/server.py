@@ -106,7 +106,9 @@ class Server:
         self._grpc.add_generic_rpc_handlers(handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         if self.config.fast_listen:
-            self._fast = NativeServer([*handlers, *_generic_handlers(self.health)], limit)
+            self._fast = NativeServer(
+                [*handlers, *_generic_handlers(self.health)], limit, self.config.http2
+            )
             self.fast_port = await self._fast.start(
                 self.config.fast_listen, reuse_port=self.config.workers > 1
             )

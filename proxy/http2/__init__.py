@@ -4,5 +4,5 @@ server and client connections (`server`, `client`) and gRPC's framing over them
 
 It moves gRPC messages as bytes: it knows nothing of KServe, TF Serving or the core.
 
-May import: nothing else of Coalesce.
+May import: `coalesce.config` (its limits), `coalesce.telemetry` (rate-limited logs).
 """

@@ -50,6 +50,7 @@ def _timeout(seconds: float) -> bytes:
 
 class ClientConnection(Endpoint):
     corks = False  # a batch's call goes out at once: the callers wait on it
+
     def __init__(self, authority: str) -> None:
         super().__init__()
         self._authority = literal(b":authority", authority.encode())  # not indexed: fine

@@ -21,7 +21,7 @@ from typing import Any
 
 from coalesce.telemetry.logs import RateLimited
 
-from .hpack import Decoder, HeaderListTooLarge, HpackError
+from .hpack import MAX_CACHED_BLOCK, Decoder, HeaderListTooLarge, HpackError
 from .limits import Budget, Limits, ReceivePool
 
 log = logging.getLogger("coalesce")
@@ -142,9 +142,18 @@ class Endpoint(asyncio.Protocol):
         self._out: list[bytes] | None = None  # frames waiting for this loop pass to end
         self.budgets = {
             kind: Budget(*getattr(limits, kind + "_rate"))
-            for kind in ("settings", "ping", "reset", "window_update", "priority", "empty_frame")
+            for kind in (
+                "settings",
+                "ping",
+                "reset",
+                "window_update",
+                "priority",
+                "empty_frame",
+                "header_bytes",
+            )
         }
         self._window_updates, self._pings = self.budgets["window_update"], self.budgets["ping"]
+        self._header_bytes = self.budgets["header_bytes"]
 
     # hooks
 
@@ -425,8 +434,11 @@ class Endpoint(asyncio.Protocol):
             self._header_block(stream_id)
 
     def _header_block(self, stream_id: int) -> None:
+        block = bytes(self._block)
+        if len(block) > MAX_CACHED_BLOCK and not self.budgets["header_bytes"].spend(len(block)):
+            raise ProtocolError(ENHANCE_YOUR_CALM, "too many bytes of large header blocks")
         try:  # decoded whatever becomes of the stream: the table must stay in step
-            fields, problem = self.decoder.decode(bytes(self._block))
+            fields, problem = self.decoder.decode(block)
         except HeaderListTooLarge as exc:
             raise ProtocolError(ENHANCE_YOUR_CALM, str(exc)) from None
         except HpackError as exc:
@@ -585,9 +597,11 @@ class Endpoint(asyncio.Protocol):
         self.on_sent(stream)
 
     def _earn(self) -> None:
-        """Each answer lets the peer acknowledge it: a WINDOW_UPDATE and a PING more."""
+        """Each answer lets the peer acknowledge it (a WINDOW_UPDATE and a PING more) and
+        ask again with a large header block."""
         self._window_updates.earn(1.0)
         self._pings.earn(1.0)
+        self._header_bytes.earn(4096.0)
 
     def reset(self, stream_id: int, code: int) -> None:
         self._blocked.pop(stream_id, None)

@@ -12,31 +12,11 @@ core's SETTINGS-ACK timeout.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+from coalesce.config import Http2
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_concurrent_streams: int = 1024  # SETTINGS_MAX_CONCURRENT_STREAMS, refused beyond
-    max_header_list_size: int = 65536  # SETTINGS_MAX_HEADER_LIST_SIZE: decoded, enforced
-    max_continuations: int = 16  # CONTINUATION frames in one header block
-    stream_window: int = 1 << 20  # SETTINGS_INITIAL_WINDOW_SIZE we advertise
-    connection_window: int = 16 << 20  # what one connection may have in flight to us
-    max_buffered_bytes: int = 256 << 20  # unfinished request bodies, all connections
-    max_connections: int = 4096  # accepted beyond this are closed at once
-    backlog: int = 4096  # the listening socket's accept queue
-    preface_timeout_s: float = 10.0  # connection preface and first SETTINGS
-    settings_ack_timeout_s: float = 10.0  # our SETTINGS must be acknowledged
-    idle_timeout_s: float = 300.0  # no stream open: GOAWAY NO_ERROR
-    header_timeout_s: float = 10.0  # a header block continued must be completed
-    body_timeout_s: float = 30.0  # a request body may pause this long
-    # token buckets (burst, refill per second) per connection
-    settings_rate: tuple[float, float] = (100, 10)
-    ping_rate: tuple[float, float] = (1000, 100)
-    reset_rate: tuple[float, float] = (1000, 33)  # streams the peer resets before our answer
-    window_update_rate: tuple[float, float] = (10000, 1000)
-    priority_rate: tuple[float, float] = (1000, 100)
-    empty_frame_rate: tuple[float, float] = (1000, 100)  # frames that carry nothing
+# The limits are typed and documented where the config is (`http2:` in a config file).
+Limits = Http2
 
 
 class Budget:
@@ -52,8 +32,8 @@ class Budget:
         self.burst, self.rate, self.tokens = burst, rate, burst
         self.when = time.monotonic()
 
-    def spend(self) -> bool:
-        self.tokens -= 1
+    def spend(self, amount: float = 1) -> bool:
+        self.tokens -= amount
         if self.tokens >= 0:
             return True
         now = time.monotonic()

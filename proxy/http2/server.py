@@ -107,6 +107,7 @@ class ServerConnection(Endpoint):
         self.last_stream = 0
         self.born = self.idle_since = self._loop.time()
         self._reset: set[int] = set()  # streams we reset: their late frames are no error
+        self._closed: set[int] = set()  # streams lately closed both ways
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -142,8 +143,10 @@ class ServerConnection(Endpoint):
                 raise ProtocolError(PROTOCOL_ERROR, f"even stream id {stream_id}")
         elif stream_id in self._reset:
             return  # a stream we reset: the peer may not know yet
-        else:
+        elif stream_id in self._closed:
             raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
+        else:  # lower than one it opened: no new stream (RFC 9113 5.1.1)
+            raise ProtocolError(PROTOCOL_ERROR, f"stream id {stream_id} out of order")
         self.last_stream = stream_id
         if problem is not None and problem is not HAS_LENGTH:
             self.reset(stream_id, PROTOCOL_ERROR)  # malformed (RFC 9113 8.1.1)
@@ -189,7 +192,7 @@ class ServerConnection(Endpoint):
         stream = self.streams.pop(stream_id, None)
         if stream is not None and stream.task is not None:
             stream.task.cancel()
-        self._forgot()
+        self._forgot(stream_id)
 
     def on_goaway(self, last_stream: int, code: int) -> None:
         self._close_if_done()
@@ -199,9 +202,13 @@ class ServerConnection(Endpoint):
         (too big), and then reset, so the stream is done either way."""
         self.streams.pop(stream.id, None)
         self.release(stream)
-        self._forgot()
+        self._forgot(stream.id)
 
-    def _forgot(self) -> None:
+    def _forgot(self, stream_id: int) -> None:
+        closed = self._closed
+        if len(closed) >= 1024:
+            closed.clear()
+        closed.add(stream_id)
         if not self.streams:
             self.idle_since = self._loop.time()
         self._close_if_done()
@@ -213,9 +220,7 @@ class ServerConnection(Endpoint):
         self.streams.clear()
         self._on_close(self)
 
-    def answer(
-        self, stream: Stream, headers: bytes, data: bytes, trailers: bytes | None
-    ) -> None:
+    def answer(self, stream: Stream, headers: bytes, data: bytes, trailers: bytes | None) -> None:
         if self._open(stream):
             self.send(stream, headers, data, trailers)
 
