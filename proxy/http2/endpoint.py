@@ -39,6 +39,7 @@ CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 8, 9, 11
 MAX_FRAME = 16384  # we never raise SETTINGS_MAX_FRAME_SIZE: peers send at most this
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
+LINGER_S = 1.0  # after an error's GOAWAY, how long the peer has to read it before we close
 # Towards a backend we chose ourselves: wide windows, no shared receive pool.
 CLIENT_LIMITS = Limits(stream_window=1 << 22, connection_window=1 << 30)
 
@@ -119,6 +120,7 @@ class Endpoint(asyncio.Protocol):
         self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = 16384  # the peer's SETTINGS_MAX_FRAME_SIZE
         self.draining = False
+        self.lingering = False  # GOAWAY sent for an error, input dropped until we close
         self.acked = False  # the peer acknowledged our SETTINGS
         self.closed = asyncio.get_running_loop().create_future()
         self._buffer = b""
@@ -212,6 +214,8 @@ class Endpoint(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # closing: what the peer still sends is dropped
         buffer = self._buffer + data if self._buffer else data
         try:
             used = self._frames(buffer)
@@ -669,7 +673,15 @@ class Endpoint(asyncio.Protocol):
         payload = struct.pack(">II", last_stream, code) + message.encode()[:200]
         self.write(frame(GOAWAY, 0, 0, payload))
         self.flush()
-        self.transport.close()
+        if self.lingering or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing a socket with unread input sends the peer a TCP reset, which can discard
+        # our GOAWAY before it is read: send FIN instead, drop what still comes, close soon.
+        self.lingering = True
+        self._blocked.clear()
+        self.transport.write_eof()
+        self._loop.call_later(LINGER_S, self.transport.close)
 
 
 def _unpad(payload: bytes) -> bytes:
