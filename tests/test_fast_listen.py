@@ -11,6 +11,7 @@ import asyncio
 import socket
 import threading
 import time
+import zlib
 
 import grpc
 import numpy as np
@@ -25,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.client import inputs
 from tests.conftest import local_backend, model_of, running
+from tests.support import h2peer as h2
 
 CONFIG = {
     "fast_listen": "127.0.0.1:0",
@@ -120,35 +122,88 @@ async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
         await client.close()
 
 
-async def test_streaming_methods_name_the_listen_port():
+async def test_a_stream_is_answered_request_by_request_before_the_client_half_closes():
     async with running(CONFIG) as server:
         client = aio.InferenceServerClient(fast(server))
+        sent, answered = asyncio.Queue(), []
 
         async def requests():
-            yield {"model_name": "affine", "inputs": inputs(x=np.ones((1, 4), np.float32))}
+            for i in range(3):
+                yield {"model_name": "affine", "inputs": inputs(x=np.full((1, 4), i, np.float32))}
+                await sent.get()  # the next only once this one is answered: no half-close yet
 
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in client.stream_infer(requests()):
-                pass
+        async for result, error in client.stream_infer(requests()):
+            assert error is None
+            answered.append(result.as_numpy("y"))
+            sent.put_nowait(None)
+            if len(answered) == 3:
+                break
         await client.close()
+    for i, y in enumerate(answered):
+        np.testing.assert_array_equal(y, np.full((1, 4), 2 * i + 1, np.float32))
+
+
+async def test_unknown_methods_are_unimplemented_at_once_naming_them():
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+        call = channel.stream_stream("/no.Such/Method")()  # never half-closed
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(call.read(), 5)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "`listen`" in error.value.details()
+    assert "/no.Such/Method" in error.value.details()
 
 
-async def test_compressed_requests_are_unimplemented_not_misread():
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+async def test_compressed_requests_are_inflated(compression):
+    async with (
+        running(CONFIG) as server,
+        grpc.aio.insecure_channel(fast(server), compression=compression) as channel,
+    ):
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as error:  # big enough to be compressed
+            await check(health_pb2.HealthCheckRequest(service="affine" * 200), timeout=5)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND  # read, and not a service
+        answer = await check(health_pb2.HealthCheckRequest(service="affine"), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_compressed_bomb_stops_at_max_message():
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KB
+    framed = b"\x01" + len(bomb).to_bytes(4, "big") + bomb
     async with running(CONFIG) as server:
-        async with grpc.aio.insecure_channel(
-            fast(server), compression=grpc.Compression.Gzip
-        ) as channel:
-            check = channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                await check(health_pb2.HealthCheckRequest(service="affine" * 20), timeout=5)
-        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "compressed" in error.value.details()
+        peer = h2.Peer(server.fast_port)
+        block = h2.request_block("/grpc.health.v1.Health/Check", grpc_encoding="deflate")
+        frames = await asyncio.to_thread(_call_raw, peer, block, framed)
+        peer.close()
+    assert h2.grpc_status(frames) == "8"  # RESOURCE_EXHAUSTED: inflated only to the limit
+
+
+def _call_raw(peer: h2.Peer, block: bytes, framed: bytes) -> list:
+    peer.handshake()
+    peer.send(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block))
+    for at in range(0, len(framed), 16384):
+        last = h2.END_STREAM if at + 16384 >= len(framed) else 0
+        peer.send(h2.frame(h2.DATA, last, 1, framed[at : at + 16384]))
+    out = []
+    while not out or not out[-1].flags & h2.END_STREAM:
+        out.append(peer.expect(lambda f: f.stream == 1))
+    return out
+
+
+async def test_health_watch_streams_status_changes():
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="affine")
+        )
+        first = await asyncio.wait_for(watch.read(), 5)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        await server.health.set("affine", health_pb2.HealthCheckResponse.NOT_SERVING)
+        second = await asyncio.wait_for(watch.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
 
 
 async def test_tf_serving_predict_and_health_over_fast_listen():

@@ -252,6 +252,16 @@ STREAM_ERRORS = {
         + h2.frame(h2.DATA, h2.END_STREAM, 1, MESSAGE),
         h2.PROTOCOL_ERROR,
     ),
+    "content-length other than the body's, on no gRPC call (8.1.1)": (
+        h2.frame(
+            h2.HEADERS,
+            h2.END_HEADERS,
+            1,
+            b"\x83\x86\x84" + h2.literal(b"content-length", b"9"),  # POST / , no content-type
+        )
+        + h2.frame(h2.DATA, h2.END_STREAM, 1, b"abc"),
+        h2.PROTOCOL_ERROR,
+    ),
     "trailers without END_STREAM (8.1)": (
         HEAD + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, h2.literal(b"x-t", b"1")),
         h2.PROTOCOL_ERROR,

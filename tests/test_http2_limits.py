@@ -9,6 +9,7 @@ beside a measured client, are `python -m benchmarks.attacks`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import struct
 import time
 from pathlib import Path
@@ -87,10 +88,8 @@ def answers_promptly(server: Process) -> None:
 def calm(server: Process, data: bytes, repeat: int = 1) -> None:
     """`data` sent `repeat` times costs the sender its connection: ENHANCE_YOUR_CALM."""
     with h2.Peer(server.fast_port).handshake() as p:
-        try:
-            p.send(data * repeat)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # closed on us mid-flood: the GOAWAY is already in our buffer
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            p.send(data * repeat)  # closed on us mid-flood: the GOAWAY is in our buffer
         assert p.goaway() == h2.ENHANCE_YOUR_CALM
     answers_promptly(server)
 

@@ -1,4 +1,5 @@
-"""ModelStreamInfer with the official tritonclient streaming APIs (sync and aio)."""
+"""ModelStreamInfer with the official tritonclient streaming APIs (sync and aio), on both
+listeners: grpc.aio (`listen`) and our own HTTP/2 (`fast_listen`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import tritonclient.grpc.aio as aio
 
 from tests.client import affine_expected, inputs
 from tests.conftest import local_backend, model_of, running
+from tests.support.coalesce import free_port
 
 
 def config(**route) -> dict:
     return {
+        "fast_listen": "127.0.0.1:0",
         "backends": {
             "b": local_backend("affine", args={"delay_ms": 2}),
             "g": local_backend("gated_echo"),
@@ -30,9 +33,22 @@ def x_of(i: int) -> np.ndarray:
     return np.full((1, 4), i, dtype=np.float32)
 
 
+@pytest.fixture(params=["listen", "fast_listen"])
+def listener(request) -> str:
+    return request.param
+
+
+def address(server, listener: str) -> str:
+    return f"127.0.0.1:{server.port if listener == 'listen' else server.fast_port}"
+
+
 @pytest.fixture
-def proxy(coalesce_process):
-    return coalesce_process(config())
+def proxy(coalesce_process, listener):
+    data = {**config(), "fast_listen": f"127.0.0.1:{free_port()}"}
+    process = coalesce_process(data)
+    if listener == "fast_listen":
+        process.url = data["fast_listen"]
+    return process
 
 
 def test_thousands_of_requests_on_one_stream_each_matched_by_id(proxy):
@@ -76,9 +92,9 @@ def test_several_streams_at_once_share_the_batcher(proxy):
     assert all(v == 4 * i for i, v in results.items())
 
 
-async def test_aio_stream_errors_go_to_their_request_and_the_stream_goes_on():
+async def test_aio_stream_errors_go_to_their_request_and_the_stream_goes_on(listener):
     async with running(config()) as server:
-        client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = aio.InferenceServerClient(address(server, listener))
 
         async def requests():
             for i in range(20):
@@ -107,9 +123,9 @@ async def test_aio_stream_errors_go_to_their_request_and_the_stream_goes_on():
     assert sum("model 'nope' is not routed" in e for e in errors) == 1
 
 
-async def test_ordered_route_answers_in_request_order():
+async def test_ordered_route_answers_in_request_order(listener):
     async with running(config(ordered=True)) as server:
-        client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = aio.InferenceServerClient(address(server, listener))
 
         async def requests():
             for i in range(300):
@@ -125,14 +141,14 @@ async def test_ordered_route_answers_in_request_order():
     assert ids == list(range(300))
 
 
-async def test_a_fast_producer_is_pushed_back_when_the_model_is_slow():
+async def test_a_fast_producer_is_pushed_back_when_the_model_is_slow(listener):
     """With the model held, the server stops reading at max_stream_outstanding requests,
     and HTTP/2 flow control stops the client: 2000 x 64 KiB are never all sent."""
     big = 16384  # floats: 64 KiB a request
     async with running(config()) as server:
         model = model_of(server, "g")
         batcher = server.router.backends["g"].batcher
-        client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+        client = aio.InferenceServerClient(address(server, listener))
         sent = received = 0
 
         async def requests():

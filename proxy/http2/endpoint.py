@@ -58,6 +58,7 @@ class Stream:
     __slots__ = (
         "body",
         "call",
+        "closing",
         "ended",
         "expected",
         "headers",
@@ -69,10 +70,12 @@ class Stream:
         "seen",
         "sent",
         "stalled",
+        "streaming",
         "task",
         "too_big",
         "trailers",
         "window",
+        "writable",
     )
 
     def __init__(self, stream_id: int, window: int, recv_window: int) -> None:
@@ -93,6 +96,9 @@ class Stream:
         self.too_big = False
         self.seen = -1  # body size at the last sweep, and since when it has not grown
         self.stalled = 0.0
+        self.streaming = False  # its body is read message by message, credited as consumed
+        self.closing = False  # once `pending` is out, our side ends
+        self.writable: asyncio.Future | None = None  # a writer waiting for `pending` to drain
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -347,24 +353,36 @@ class Endpoint(asyncio.Protocol):
                 self._credit()
         if end:
             stream.ended = True
-        else:
-            stream.received += size
-            if stream.received >= self.limits.stream_window // 2 and not stream.too_big:
-                self.write(frame(WINDOW_UPDATE, 0, stream_id, stream.received.to_bytes(4, "big")))
-                stream.recv_window += stream.received
-                stream.received = 0
+        elif not stream.streaming:  # a whole body is wanted: credit it as it arrives
+            self._stream_credit(stream, size)
         self.on_data(stream, end)
+
+    def _stream_credit(self, stream: Stream, size: int) -> None:
+        stream.received += size
+        if stream.received >= self.limits.stream_window // 2 and not stream.too_big:
+            self.write(frame(WINDOW_UPDATE, 0, stream.id, stream.received.to_bytes(4, "big")))
+            stream.recv_window += stream.received
+            stream.received = 0
+
+    def consume(self, stream: Stream, size: int) -> None:
+        """A streaming request's reader took `size` bytes: credit the stream and the
+        connection for them (a reader that stops reading stops the sender)."""
+        if not stream.ended and stream.id in self.streams:
+            self._stream_credit(stream, size)
+        self.release(stream, size)
 
     def _consumed(self, size: int) -> None:
         self._uncredited_done += size
         if self._uncredited_done >= self._credit_step:
             self._credit()
 
-    def release(self, stream: Stream) -> None:
-        """`stream`'s body has been handed on (or dropped): its bytes may be credited."""
-        held, stream.held = stream.held, 0
+    def release(self, stream: Stream, amount: int | None = None) -> None:
+        """`stream`'s body (or `amount` of it) has been handed on or dropped: its bytes
+        may be credited."""
+        held = stream.held if amount is None else min(amount, stream.held)
         if not held:
             return
+        stream.held -= held
         self.held -= held
         uncredited = min(held, self._uncredited_held)
         self._uncredited_held -= uncredited
@@ -590,7 +608,7 @@ class Endpoint(asyncio.Protocol):
             self.on_sent(stream)
             return
         self.write(head)
-        stream.pending, stream.trailers = memoryview(data), trailers
+        stream.pending, stream.trailers, stream.closing = memoryview(data), trailers, True
         self._send_data(stream)
 
     def send_headers_only(self, stream: Stream, headers: bytes) -> None:
@@ -599,6 +617,29 @@ class Endpoint(asyncio.Protocol):
         self.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, headers))
         stream.sent = True
         self.on_sent(stream)
+
+    # a response in parts (streaming): send_headers, send_data..., finish
+
+    def send_headers(self, stream: Stream, headers: bytes) -> None:
+        self.write(frame(HEADERS, END_HEADERS, stream.id, headers))
+
+    def send_data(self, stream: Stream, data: bytes) -> None:
+        """DATA as the windows allow; what they do not is kept until they do."""
+        pending = stream.pending
+        stream.pending = memoryview(data if pending is None else bytes(pending) + data)
+        self._send_data(stream)
+
+    def finish(self, stream: Stream, trailers: bytes) -> None:
+        """END_STREAM on trailing HEADERS, once everything sent before has left."""
+        self._earn()
+        stream.trailers, stream.closing = trailers, True
+        self._send_data(stream)
+
+    async def drained(self, stream: Stream) -> None:
+        """Until what `stream` has waiting for flow-control window has been sent."""
+        if stream.pending is not None and not stream.sent:
+            stream.writable = self._loop.create_future()
+            await stream.writable
 
     def _earn(self) -> None:
         """Each answer lets the peer acknowledge it (a WINDOW_UPDATE and a PING more) and
@@ -614,9 +655,8 @@ class Endpoint(asyncio.Protocol):
 
     def _send_data(self, stream: Stream) -> None:
         pending = stream.pending
-        assert pending is not None
         chunks = []
-        while len(pending):
+        while pending is not None and len(pending):
             size = min(len(pending), self.send_window, stream.window, self.peer_frame)
             if size <= 0:
                 self._blocked[stream.id] = stream
@@ -626,19 +666,24 @@ class Endpoint(asyncio.Protocol):
             self.send_window -= size
             stream.window -= size
         else:
-            if stream.trailers is None:
-                chunks.append(frame(DATA, END_STREAM, stream.id))
-            else:
-                chunks.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers))
-            stream.pending = None
+            pending = None
             self._blocked.pop(stream.id, None)
+            if stream.closing:
+                if stream.trailers is None:
+                    chunks.append(frame(DATA, END_STREAM, stream.id))
+                else:
+                    chunks.append(
+                        frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers)
+                    )
+        stream.pending = pending
         if chunks:
             self.write(b"".join(chunks))
-        if stream.pending is None:
-            stream.sent = True
-            self.on_sent(stream)
-        else:
-            stream.pending = pending
+        if pending is None:
+            if stream.writable is not None and not stream.writable.done():
+                stream.writable.set_result(None)
+            if stream.closing:
+                stream.sent = True
+                self.on_sent(stream)
 
     def write(self, data: bytes) -> None:
         """With `corks`, frames leave once per pass of the event loop: the answers a batch

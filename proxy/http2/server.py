@@ -85,7 +85,15 @@ def _trailers_problem(fields: list[tuple[str, str]]) -> str | None:
 
 
 class App(Protocol):
-    def request(self, connection: ServerConnection, stream: Stream) -> None: ...
+    def opened(self, connection: ServerConnection, stream: Stream) -> None:
+        """HEADERS opened `stream`: answer it now, or start it now (`stream.streaming`),
+        or wait for `request`."""
+
+    def request(self, connection: ServerConnection, stream: Stream) -> None:
+        """The whole request of a stream that is not streaming has come."""
+
+    def data(self, connection: ServerConnection, stream: Stream, end: bool) -> None:
+        """A streaming request's body has grown, or ended."""
 
 
 class ServerConnection(Endpoint):
@@ -104,6 +112,7 @@ class ServerConnection(Endpoint):
         self.max_body = max_body
         self._on_close = on_close
         self.peer = ""
+        self.auth: dict = {}  # the client certificate's names, under mutual TLS
         self.last_stream = 0
         self.born = self.idle_since = self._loop.time()
         self._reset: set[int] = set()  # streams we reset: their late frames are no error
@@ -161,16 +170,25 @@ class ServerConnection(Endpoint):
         stream.headers = fields
         if problem is HAS_LENGTH:
             stream.expected = int(next(v for n, v in fields if n == "content-length"))
+        self.app.opened(self, stream)
+        if stream.sent or stream.closing:  # answered from its headers alone
+            if not end:
+                self.reset(stream_id, NO_ERROR)  # the rest of the request is not needed
+            return
         if end:
             self._end(stream)
 
     def on_data(self, stream: Stream, end: bool) -> None:
+        if stream.streaming:
+            if not stream.too_big:
+                self.app.data(self, stream, end)
+            return
         if len(stream.body) > self.max_body and not stream.too_big:
             stream.too_big = True  # answered at once (RESOURCE_EXHAUSTED); no bytes kept
             stream.body = bytearray()
             self.release(stream)
             self.app.request(self, stream)
-            if not stream.sent:
+            if not stream.sent and not stream.closing:
                 return
             self.reset(stream.id, NO_ERROR)  # the rest of the body is not needed
             return
@@ -180,7 +198,10 @@ class ServerConnection(Endpoint):
     def _end(self, stream: Stream) -> None:
         """The peer's side is complete: hand the request on (its bytes are consumed)."""
         stream.ended = True
-        if stream.too_big or stream.task is not None or stream.sent:
+        if stream.streaming:
+            self.app.data(self, stream, True)
+            return
+        if stream.too_big or stream.task is not None or stream.sent or stream.closing:
             return
         if stream.expected >= 0 and stream.expected != len(stream.body):
             self.stream_error(stream, PROTOCOL_ERROR)  # content-length mismatch (8.1.1)
@@ -221,16 +242,16 @@ class ServerConnection(Endpoint):
         self._on_close(self)
 
     def answer(self, stream: Stream, headers: bytes, data: bytes, trailers: bytes | None) -> None:
-        if self._open(stream):
+        if self.is_open(stream):
             self.send(stream, headers, data, trailers)
 
     def answer_headers_only(self, stream: Stream, headers: bytes) -> None:
-        if self._open(stream):
+        if self.is_open(stream):
             self.send_headers_only(stream, headers)
 
-    def _open(self, stream: Stream) -> bool:
-        """Not reset by the peer, not answered yet, and the connection still up."""
-        return not stream.sent and self.streams.get(stream.id) is stream
+    def is_open(self, stream: Stream) -> bool:
+        """Not reset by the peer, not answered (nor being answered) yet."""
+        return not stream.sent and not stream.closing and self.streams.get(stream.id) is stream
 
     def goaway(self) -> None:
         """Take no new streams; close once the open ones are answered."""
