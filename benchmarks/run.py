@@ -210,8 +210,9 @@ def triton_server() -> Iterator:
 
 @contextlib.contextmanager
 def coalesce(config: dict, tmp: Path, args: tuple[str, ...] = ()) -> Iterator[Process]:
-    """`coalesce serve` with `fast_listen` on too: `fast_url(process)` is its address."""
-    config = {"fast_listen": f"127.0.0.1:{free_port()}", **config, "admin": None}
+    """`coalesce serve`, with the grpc.aio fallback on too: `aio_url(process)` is its
+    address (`process.url`, the default listener, is our own HTTP/2)."""
+    config = {"grpc_aio_listen": f"127.0.0.1:{free_port()}", **config, "admin": None}
     process = Process(config, tmp, ("--log-level", "WARNING", *args))
     try:
         yield process
@@ -219,8 +220,8 @@ def coalesce(config: dict, tmp: Path, args: tuple[str, ...] = ()) -> Iterator[Pr
         process.terminate()
 
 
-def fast_url(process: Process) -> str:
-    return yaml.safe_load(process.config.read_text())["fast_listen"]
+def aio_url(process: Process) -> str:
+    return yaml.safe_load(process.config.read_text())["grpc_aio_listen"]
 
 
 def triton_route(triton, model: str, transport: str = "grpc") -> dict:
@@ -255,11 +256,10 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
         requests, expected = workload("bench_mlp")
         targets = [
             ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
-            ("coalesce -> triton", proxy.url, proxy.proc.pid, requests, expected),
-            ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, requests,
+            ("coalesce -> triton (default)", proxy.url, proxy.proc.pid, requests, expected),
+            ("coalesce grpc_aio_listen -> triton", aio_url(proxy), proxy.proc.pid, requests,
              expected),
-            ("coalesce fast_listen -> native -> triton", fast_url(native), native.proc.pid,
-             requests, expected),
+            ("coalesce -> native -> triton", native.url, native.proc.pid, requests, expected),
             ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
         with _workers(triton, args, tmp) as extra:
@@ -277,10 +277,9 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
         routed = workload("bench_mlp")
         targets = [
             ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
-            ("coalesce -> triton (batching off)", proxy.url, proxy.proc.pid, *routed),
-            ("coalesce fast_listen -> triton", fast_url(proxy), proxy.proc.pid, *routed),
-            ("coalesce fast_listen -> native -> triton", fast_url(native), native.proc.pid,
-             *routed),
+            ("coalesce -> triton (default)", proxy.url, proxy.proc.pid, *routed),
+            ("coalesce grpc_aio_listen -> triton", aio_url(proxy), proxy.proc.pid, *routed),
+            ("coalesce -> native -> triton", native.url, native.proc.pid, *routed),
         ]
         with _workers(triton, args, tmp) as extra:
             return compare("versus", targets + extra(*routed), [1, 64, 256], args)
@@ -314,9 +313,10 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
     ):
         targets = [
             ("empty grpc.aio server", empty, empty_pid, requests, [expected[0]] * 256),
-            ("coalesce, instant model", proxy.url, proxy.proc.pid, requests, expected),
-            ("coalesce fast_listen, instant model", fast_url(proxy), proxy.proc.pid, requests,
+            ("coalesce, instant model (default)", proxy.url, proxy.proc.pid, requests,
              expected),
+            ("coalesce grpc_aio_listen, instant model", aio_url(proxy), proxy.proc.pid,
+             requests, expected),
         ]
         return compare("overhead", targets, [1, 64, 256], args, rates=(4000,))
 
@@ -459,6 +459,13 @@ def scenario_streaming(args, tmp: Path) -> list[dict]:
     return result
 
 
+def scenario_attacks(args, tmp: Path) -> list[dict]:
+    """9. Attacks on fast_listen, each beside a measured client (benchmarks/attacks.py)."""
+    from benchmarks import attacks  # imported here: it imports this module
+
+    return attacks.scenario_attacks(args, tmp)
+
+
 SCENARIOS: dict[str, Callable] = {
     "gain": scenario_gain,
     "versus": scenario_versus,
@@ -468,6 +475,7 @@ SCENARIOS: dict[str, Callable] = {
     "policy": scenario_policy,
     "floor": scenario_floor,
     "memory": scenario_memory,
+    "attacks": scenario_attacks,
 }
 
 

@@ -690,7 +690,9 @@ class Http2(_Strict):
     settings_rate: _Rate = Field((100, 10), description="SETTINGS frames.")
     ping_rate: _Rate = Field((1000, 100), description="PING frames (each answer earns one).")
     reset_rate: _Rate = Field(
-        (1000, 33), description="Streams the peer resets before their answer (Rapid Reset)."
+        (1000, 33),
+        description="Streams the peer resets before their answer (Rapid Reset); each "
+        "answer earns one.",
     )
     window_update_rate: _Rate = Field(
         (10000, 1000), description="WINDOW_UPDATE frames (each answer earns one)."
@@ -711,7 +713,11 @@ class Http2(_Strict):
 class Config(_Strict):
     """A whole Coalesce configuration."""
 
-    listen: str = Field("127.0.0.1:8500", description="gRPC front end address.")
+    listen: str = Field(
+        "127.0.0.1:8500",
+        description="gRPC front end address, served by Coalesce's own HTTP/2 "
+        "(coalesce.http2): unary and streaming calls, TLS, compression, health.",
+    )
     admin: str | None = Field(
         "127.0.0.1:9464", description="HTTP admin address (/healthz, /readyz); null disables it."
     )
@@ -720,12 +726,11 @@ class Config(_Strict):
         description="HTTP/JSON front ends (KServe v2 REST under /v2, TF Serving REST under "
         "/v1), e.g. 127.0.0.1:8501; null (the default) turns them off.",
     )
-    fast_listen: str | None = Field(
+    grpc_aio_listen: str | None = Field(
         None,
-        description="A second gRPC address served by Coalesce's own HTTP/2 stack instead of "
-        "grpc.aio (coalesce.http2.server): the same unary methods at a fraction of the CPU and "
-        "latency. Cleartext only; streaming methods stay on `listen`. Null (the default) is "
-        "off.",
+        description="A second gRPC address served by grpc.aio (gRPC core) instead: the same "
+        "methods, at about five times the CPU per call. A fallback for a client that our "
+        "HTTP/2 does not suit, and a baseline to compare with; null (the default) is off.",
     )
     tls: ServerTLS | None = Field(
         None, description="TLS (and mutual TLS) on the gRPC and HTTP front ends; default off."
@@ -768,7 +773,7 @@ class Config(_Strict):
 
     _check_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
-    @field_validator("admin", "http", "fast_listen")
+    @field_validator("admin", "http", "grpc_aio_listen")
     @classmethod
     def _check_optional_address(cls, value: str | None) -> str | None:
         return None if value is None else _check_address(value)
@@ -778,15 +783,14 @@ class Config(_Strict):
         problems, seen = [], set()
         if self.workers > 1 and self.listen.endswith(":0"):
             problems.append("listen: workers > 1 need a fixed port to share, not port 0")
-        if self.fast_listen and self.tls:
-            problems.append("fast_listen: speaks no TLS; with tls set, use listen only")
         if self.http2.max_buffered_bytes < self.max_message_mb * (1 << 20):
             problems.append(
                 "http2.max_buffered_bytes: smaller than max_message_mb, so the largest "
                 "message could never arrive"
             )
-        if self.fast_listen and self.workers > 1 and self.fast_listen.endswith(":0"):
-            problems.append("fast_listen: workers > 1 need a fixed port to share, not port 0")
+        aio = self.grpc_aio_listen
+        if aio and self.workers > 1 and aio.endswith(":0"):
+            problems.append("grpc_aio_listen: workers > 1 need a fixed port to share, not port 0")
         for i, route in enumerate(self.routes):
             if route.backend not in self.backends:
                 problems.append(f"routes.{i}.backend: unknown backend {route.backend!r}")
@@ -834,6 +838,13 @@ def parse(data: Any) -> Config:
     """Validate a loaded YAML document; raises ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(["(top): must be a mapping"])
+    if "fast_listen" in data:
+        raise ConfigError(
+            [
+                "fast_listen: gone: `listen` is served by Coalesce's own HTTP/2 now, streaming "
+                "and TLS included (grpc_aio_listen adds a grpc.aio listener)"
+            ]
+        )
     try:
         return Config.model_validate(data)  # cross-references raise ConfigError themselves
     except ValidationError as exc:

@@ -25,7 +25,7 @@ from coalesce.ops import admin, stats
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import Config, ConfigError, ServerTLS
-from .tls import ServerCertificates
+from .tls import ServerCertificates, peer_identity
 
 log = logging.getLogger("coalesce")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -48,7 +48,7 @@ def freeze_heap() -> int:
 
 
 def _generic_handlers(servicer) -> list[grpc.GenericRpcHandler]:
-    """The generic handlers `add_HealthServicer_to_server` registers, for fast_listen."""
+    """The generic handlers `add_HealthServicer_to_server` registers, for our listener."""
 
     class Collect:
         def __init__(self) -> None:
@@ -79,8 +79,8 @@ class Server:
         self._admin: web.AppRunner | None = None
         self.http_port = 0
         self._http: web.AppRunner | None = None
-        self._fast: NativeServer | None = None
-        self.fast_port = 0
+        self._native: NativeServer | None = None
+        self.aio_port = 0
         self._health_tasks: set[asyncio.Task] = set()
         self._publisher: asyncio.Task | None = None
         self._tls: dict[str, ServerCertificates] = {}  # by listener: grpc, http, admin
@@ -93,29 +93,33 @@ class Server:
         self.router.on_health_change = self._set_health
         await self.router.start()
         limit = int(self.config.max_message_mb * 1024 * 1024)
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                # Sharing the port is only right between our own workers; otherwise a
-                # second sidecar on the same port must fail, not silently split traffic.
-                ("grpc.so_reuseport", int(self.config.workers > 1)),
-            ]
-        )
         handlers = [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
-        self._grpc.add_generic_rpc_handlers(handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        if self.config.fast_listen:
-            self._fast = NativeServer(
-                [*handlers, *_generic_handlers(self.health)], limit, self.config.http2
+        reuse = self.config.workers > 1
+        self._native = NativeServer(
+            [*handlers, *_generic_handlers(self.health)], limit, self.config.http2
+        )
+        self.port = await self._native.start(
+            self.config.listen,
+            reuse_port=reuse,
+            tls=self._ssl_context("grpc", self.config.tls, alpn=("h2",)),
+            identify=peer_identity,
+        )
+        if self.config.grpc_aio_listen:
+            self._grpc = grpc.aio.server(
+                options=[
+                    ("grpc.max_send_message_length", limit),
+                    ("grpc.max_receive_message_length", limit),
+                    # Sharing the port is only right between our own workers; otherwise a
+                    # second sidecar on the same port must fail, not silently split traffic.
+                    ("grpc.so_reuseport", int(reuse)),
+                ]
             )
-            self.fast_port = await self._fast.start(
-                self.config.fast_listen, reuse_port=self.config.workers > 1
-            )
-        self.port = self._add_port(self._grpc, self.config.listen, self.config.tls)
-        if not self.port:
-            raise OSError(f"cannot listen on {self.config.listen}")
-        await self._grpc.start()
+            self._grpc.add_generic_rpc_handlers(handlers)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+            self.aio_port = self._add_port(self._grpc, self.config.grpc_aio_listen, self.config.tls)
+            if not self.aio_port:
+                raise OSError(f"cannot listen on {self.config.grpc_aio_listen}")
+            await self._grpc.start()
         folder = stats.shared_folder()
         if folder is not None and folder.worker:  # the admin worker reads the others
             self._publisher = asyncio.get_running_loop().create_task(
@@ -140,33 +144,40 @@ class Server:
             )
         host = self.config.listen.rpartition(":")[0]
         log.info(
-            "serving %s on %s:%d (admin %s, http %s, fast_listen %s)",
+            "serving %s on %s:%d (admin %s, http %s, grpc_aio_listen %s)",
             ", ".join(self.router.routes),
             host,
             self.port,
             self.config.admin or "off",
             f"{self.config.http.rpartition(':')[0]}:{self.http_port}" if self._http else "off",
-            f"{self.config.fast_listen.rpartition(':')[0]}:{self.fast_port}"
-            if self._fast
+            f"{self.config.grpc_aio_listen.rpartition(':')[0]}:{self.aio_port}"
+            if self._grpc
             else "off",
         )
 
     def _add_port(self, server: grpc.aio.Server, address: str, tls: ServerTLS | None) -> int:
         if tls is None:
             return server.add_insecure_port(address)
-        self._tls["grpc"] = ServerCertificates(tls, "grpc listener")
-        return server.add_secure_port(address, self._tls["grpc"].grpc_credentials())
+        self._tls["grpc_aio"] = ServerCertificates(tls, "grpc_aio listener")
+        return server.add_secure_port(address, self._tls["grpc_aio"].grpc_credentials())
 
-    def _ssl_context(self, listener: str, tls: ServerTLS | None) -> ssl.SSLContext | None:
+    def _ssl_context(
+        self, listener: str, tls: ServerTLS | None, alpn: tuple[str, ...] = ()
+    ) -> ssl.SSLContext | None:
         if tls is None:
             return None
-        self._tls[listener] = ServerCertificates(tls, f"{listener} listener")
+        self._tls[listener] = ServerCertificates(tls, f"{listener} listener", alpn)
         return self._tls[listener].ssl_context()
 
     def _update_tls(self, config: Config) -> None:
         """A reload may point the listeners at other files (rotated ones are seen anyway);
         turning TLS on or off needs a restart."""
-        blocks = {"grpc": config.tls, "http": config.tls, "admin": config.admin_tls}
+        blocks = {
+            "grpc": config.tls,
+            "grpc_aio": config.tls,
+            "http": config.tls,
+            "admin": config.admin_tls,
+        }
         for listener, certificates in self._tls.items():
             block = blocks[listener]
             if block is None:
@@ -191,8 +202,8 @@ class Server:
         stopping = [self._grpc.stop(grace)] if self._grpc is not None else []
         if self._http is not None:  # closes its listener, lets handlers finish (grace)
             stopping.append(self._http.cleanup())
-        if self._fast is not None:
-            stopping.append(self._fast.stop(grace))
+        if self._native is not None:
+            stopping.append(self._native.stop(grace))
         await asyncio.gather(*stopping)
         if self._publisher is not None:
             self._publisher.cancel()

@@ -50,9 +50,12 @@ def _read(path: str | None) -> bytes | None:
         return file.read()
 
 
-def server_context(config: ServerTLS) -> ssl.SSLContext:
-    """An aiohttp listener's context for `config` (client certificates verified if a CA)."""
+def server_context(config: ServerTLS, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """A listener's context for `config` (client certificates verified if a CA), offering
+    `alpn` protocols (h2 for gRPC; none for aiohttp, which speaks HTTP/1.1)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     context.load_cert_chain(config.cert, config.key)
     if config.client_ca:
         context.load_verify_locations(config.client_ca)
@@ -68,8 +71,9 @@ class ServerCertificates:
     hence the lock.
     """
 
-    def __init__(self, config: ServerTLS, listener: str) -> None:
+    def __init__(self, config: ServerTLS, listener: str, alpn: tuple[str, ...] = ()) -> None:
         self.listener = listener
+        self._alpn = alpn
         self._lock = threading.Lock()
         self._stamp: Stamp = ()  # of the files loaded
         self._failed: Stamp = ()  # of files that did not load: not retried until they move
@@ -102,7 +106,7 @@ class ServerCertificates:
         config, before = self._config, _stamp(self._paths())
         try:
             pem = (_read(config.key) or b"", _read(config.cert) or b"", _read(config.client_ca))
-            context = server_context(config)
+            context = server_context(config, self._alpn)
         except (OSError, ssl.SSLError) as exc:
             log.warning("%s: TLS files not loaded (old ones serve on): %s", self.listener, exc)
             self._failed = before
@@ -140,17 +144,35 @@ class ServerCertificates:
             require_client_authentication=self._config.require_client_cert,
         )
 
-    # aiohttp
+    # asyncio: aiohttp and our own HTTP/2
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A context for aiohttp whose SNI callback hands each handshake the newest files."""
-        context = server_context(self._config)
+        """A context whose SNI callback hands each handshake the newest files."""
+        context = server_context(self._config, self._alpn)
         context.sni_callback = self._on_hello
         return context
 
     def _on_hello(self, connection: Any, server_name: str | None, context: Any) -> None:
         self.refresh()
         connection.context = self._context
+
+
+def peer_identity(ssl_object: ssl.SSLObject | None) -> dict[str, list[bytes]]:
+    """A verified client certificate's names, keyed as gRPC's auth_context keys them
+    (x509_common_name, peer_dns, peer_uri), for access rules; empty without one."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return {}
+    names: dict[str, list[bytes]] = {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                names.setdefault("x509_common_name", []).append(value.encode())
+    for kind, value in cert.get("subjectAltName", ()):
+        key = {"DNS": "peer_dns", "URI": "peer_uri"}.get(kind)
+        if key:
+            names.setdefault(key, []).append(value.encode())
+    return names
 
 
 class ClientCertificates:

@@ -1,7 +1,7 @@
 """HPACK decoding (coalesce.http2.hpack) against a real encoder: libnghttp2's, through ctypes.
 
 gRPC clients (tritonclient, grpcio) encode through the same RFC; test_kserve_grpc and
-test_fast_listen cover them end to end. Here: random header lists, every byte value
+test_http2_grpc cover them end to end. Here: random header lists, every byte value
 through Huffman coding, table eviction and size updates, and malformed blocks.
 """
 

@@ -1,5 +1,5 @@
-"""RFC 9113 and RFC 7541 rules, one test each, in raw frames against `coalesce serve`'s own
-HTTP/2 listener: the rules h2spec checks (146/146 there), kept in CI.
+"""RFC 9113 and RFC 7541 rules, one test each, in raw frames against `coalesce serve`'s gRPC
+listener (our own HTTP/2): the rules h2spec checks (146/146 there), kept in CI.
 
 Each test says what the peer does and what the RFC requires of the server: a connection
 error (GOAWAY with a code), a stream error (RST_STREAM with a code), or an answer. After
@@ -23,20 +23,19 @@ def server(tmp_path_factory):
     port = free_port()
     process = Process(
         {
-            "fast_listen": f"127.0.0.1:{port}",
+            "listen": f"127.0.0.1:{port}",
             "admin": None,
             "backends": {"example": {"type": "local", "model": "coalesce.example_model:load"}},
             "routes": [{"model": "example", "backend": "example"}],
         },
         tmp_path_factory.mktemp("conformance"),
     )
-    process.fast_port = port
     yield process
     process.terminate()
 
 
 def peer(server) -> h2.Peer:
-    return h2.Peer(server.fast_port).handshake()
+    return h2.Peer(server.port).handshake()
 
 
 def still_serving(server) -> None:
@@ -173,14 +172,14 @@ def test_a_connection_error_is_goaway_with_its_code(server, data, code):
 
 
 def test_what_is_not_the_preface_closes_the_connection(server):
-    with h2.Peer(server.fast_port) as p:
+    with h2.Peer(server.port) as p:
         p.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert p.goaway() == h2.PROTOCOL_ERROR
     still_serving(server)
 
 
 def test_the_preface_must_be_followed_by_settings(server):
-    with h2.Peer(server.fast_port) as p:
+    with h2.Peer(server.port) as p:
         p.send(h2.PREFACE + h2.frame(h2.PING, 0, 0, bytes(8)))
         assert p.goaway() == h2.PROTOCOL_ERROR
 

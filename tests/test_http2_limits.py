@@ -28,7 +28,7 @@ def serve(tmp_path_factory, name: str, http2: dict, **top) -> Process:
     port = free_port()
     process = Process(
         {
-            "fast_listen": f"127.0.0.1:{port}",
+            "listen": f"127.0.0.1:{port}",
             "admin": None,
             "http2": http2,
             "backends": {"example": {"type": "local", "model": "coalesce.example_model:load"}},
@@ -37,7 +37,6 @@ def serve(tmp_path_factory, name: str, http2: dict, **top) -> Process:
         },
         tmp_path_factory.mktemp(name),
     )
-    process.fast_port = port
     return process
 
 
@@ -80,14 +79,14 @@ def rss_mib(process: Process) -> float:
 
 def answers_promptly(server: Process) -> None:
     """A well-behaved caller on a fresh connection: its PING and its call are answered."""
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         assert p.ping() < 1.0
         assert h2.grpc_status(p.call(1)) == "0"
 
 
 def calm(server: Process, data: bytes, repeat: int = 1) -> None:
     """`data` sent `repeat` times costs the sender its connection: ENHANCE_YOUR_CALM."""
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             p.send(data * repeat)  # closed on us mid-flood: the GOAWAY is in our buffer
         assert p.goaway() == h2.ENHANCE_YOUR_CALM
@@ -165,13 +164,13 @@ def test_rapid_reset_costs_its_connection(server):
 
 
 def test_settings_cost_does_not_grow_with_entries_times_streams(server):
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         block = h2.request_block(CALL)
         opened = (h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block) for i in range(1000))
         p.send(b"".join(opened))
         entries = b"".join(struct.pack(">HI", 4, 65535 + i % 2) for i in range(2730))
         p.send(h2.frame(h2.SETTINGS, 0, 0, entries) * 20)  # 54,600 entries, 1000 streams
-        with h2.Peer(server.fast_port).handshake() as other:
+        with h2.Peer(server.port).handshake() as other:
             assert other.ping() < 1.0  # was 2.7 M window updates a frame: seconds each
         p.expect(lambda f: f.kind == h2.SETTINGS and f.flags & h2.ACK)
 
@@ -180,23 +179,23 @@ def test_settings_cost_does_not_grow_with_entries_times_streams(server):
 
 
 def test_a_connection_that_sends_no_preface_is_closed(server):
-    with h2.Peer(server.fast_port) as p:
+    with h2.Peer(server.port) as p:
         assert p.closed(timeout=4)
 
 
 def test_our_settings_must_be_acknowledged(server):
-    with h2.Peer(server.fast_port).connect() as p:
+    with h2.Peer(server.port).connect() as p:
         assert p.goaway(timeout=4) == h2.SETTINGS_TIMEOUT
 
 
 def test_a_header_block_must_be_completed(server):
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         p.send(h2.frame(h2.HEADERS, 0, 1, h2.request_block(CALL)))
         assert p.goaway(timeout=4) == h2.ENHANCE_YOUR_CALM
 
 
 def test_a_body_that_stops_arriving_is_reset(server):
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         p.send(HEAD + h2.frame(h2.DATA, 0, 1, b"\0\0\0\0\x10"))  # 16 bytes promised, none sent
         got = p.expect(lambda f: f.kind == h2.RST_STREAM, timeout=4)
         assert got.stream == 1 and struct.unpack(">I", got.payload)[0] == h2.CANCEL
@@ -204,7 +203,7 @@ def test_a_body_that_stops_arriving_is_reset(server):
 
 
 def test_an_idle_connection_is_sent_away(server):
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         assert h2.grpc_status(p.call(1)) == "0"
         assert p.goaway(timeout=6) == h2.NO_ERROR
         assert p.closed()
@@ -215,9 +214,9 @@ def test_an_idle_connection_is_sent_away(server):
 
 def test_connections_beyond_max_connections_are_closed_at_once(server):
     time.sleep(0.5)  # the other tests' connections are gone
-    peers = [h2.Peer(server.fast_port).handshake() for _ in range(64)]
+    peers = [h2.Peer(server.port).handshake() for _ in range(64)]
     try:
-        with h2.Peer(server.fast_port) as extra:
+        with h2.Peer(server.port) as extra:
             assert extra.closed(timeout=2)
         assert h2.grpc_status(peers[0].call(1)) == "0"  # those in are served
     finally:
@@ -257,7 +256,7 @@ def _fill(p: h2.Peer, stream: int, limit: int, prefix: bytes = b"") -> int:
 
 
 def test_unfinished_bodies_hold_at_most_the_windows_and_the_pool(tight):
-    peers = [h2.Peer(tight.fast_port).handshake() for _ in range(3)]
+    peers = [h2.Peer(tight.port).handshake() for _ in range(3)]
     try:
         sent = [_fill(p, 1, int(1.9 * MB)) for p in peers]  # 5.7 MB wanted, none finished
         assert sum(sent) <= 2 * MB + 3 * 65535 + 3 * 16384
@@ -270,12 +269,12 @@ def test_unfinished_bodies_hold_at_most_the_windows_and_the_pool(tight):
         for p in peers:
             p.close()
     time.sleep(0.3)  # the closed connections' bytes go back to the pool
-    with h2.Peer(tight.fast_port).handshake() as p:
+    with h2.Peer(tight.port).handshake() as p:
         assert _fill(p, 1, int(1.9 * MB)) >= 1.9 * MB
 
 
 def test_a_body_over_max_message_is_answered_at_once_and_not_kept(tight):
-    with h2.Peer(tight.fast_port).handshake() as p:
+    with h2.Peer(tight.port).handshake() as p:
         assert _fill(p, 1, 3 * MB, prefix=b"\0\0\x40\0\0") < 3 * MB  # a 4 MB message
         answer = [f for f in p.frames if f.stream == 1]
         assert h2.grpc_status(answer) == "8"  # RESOURCE_EXHAUSTED, before the body ended
@@ -286,7 +285,7 @@ def test_a_body_over_max_message_is_answered_at_once_and_not_kept(tight):
 
 
 def test_invalid_base64_metadata_is_an_error_for_that_call(server):
-    with h2.Peer(server.fast_port).handshake() as p:
+    with h2.Peer(server.port).handshake() as p:
         block = h2.request_block(CALL) + h2.literal(b"x-id-bin", b"a")
         assert h2.grpc_status(p.call(1, block)) == "13"  # INTERNAL, naming the header
         assert h2.grpc_status(p.call(3)) == "0"
@@ -295,7 +294,7 @@ def test_invalid_base64_metadata_is_an_error_for_that_call(server):
 def test_a_flood_of_bad_connections_is_a_few_log_lines(server):
     start = len(server.output())
     for _ in range(30):
-        with h2.Peer(server.fast_port).handshake() as p:
+        with h2.Peer(server.port).handshake() as p:
             p.send(h2.frame(h2.DATA, 0, 0, b"x"))
             p.goaway()
     lines = server.output()[start:].count("closing an HTTP/2 connection")

@@ -39,7 +39,7 @@ def server(tmp_path_factory):
 
     process = Process(
         {
-            "fast_listen": f"127.0.0.1:{free_port()}",
+            "grpc_aio_listen": f"127.0.0.1:{free_port()}",
             "backends": {
                 "echo": local_backend("echo"),
                 "affine": local_backend("affine"),
@@ -56,12 +56,12 @@ def server(tmp_path_factory):
     assert process.terminate() == 0
 
 
-@pytest.fixture(scope="module", params=["listen", "fast_listen"])
+@pytest.fixture(scope="module", params=["listen", "grpc_aio_listen"])
 def url(server, request) -> str:
-    """Every test runs against both gRPC front ends: grpc.aio and our own HTTP/2."""
+    """Every test runs against both gRPC front ends: our own HTTP/2 and grpc.aio."""
     if request.param == "listen":
         return server.url
-    return yaml.safe_load(server.config.read_text())["fast_listen"]
+    return yaml.safe_load(server.config.read_text())["grpc_aio_listen"]
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_metrics_of_several_workers_are_merged(coalesce_process):
 
     port, fast = free_port(), free_port()
     proxy = coalesce_process({
-        "listen": f"127.0.0.1:{port}", "workers": 2, "fast_listen": f"127.0.0.1:{fast}",
+        "listen": f"127.0.0.1:{port}", "workers": 2, "grpc_aio_listen": f"127.0.0.1:{fast}",
         "backends": {"b": local_backend("affine")},
         "routes": [{"model": "m", "backend": "b"}],
     })

@@ -1,5 +1,5 @@
 """ModelStreamInfer with the official tritonclient streaming APIs (sync and aio), on both
-listeners: grpc.aio (`listen`) and our own HTTP/2 (`fast_listen`)."""
+listeners: our own HTTP/2 (`listen`) and grpc.aio (`grpc_aio_listen`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.support.coalesce import free_port
 
 def config(**route) -> dict:
     return {
-        "fast_listen": "127.0.0.1:0",
+        "grpc_aio_listen": "127.0.0.1:0",
         "backends": {
             "b": local_backend("affine", args={"delay_ms": 2}),
             "g": local_backend("gated_echo"),
@@ -33,21 +33,21 @@ def x_of(i: int) -> np.ndarray:
     return np.full((1, 4), i, dtype=np.float32)
 
 
-@pytest.fixture(params=["listen", "fast_listen"])
+@pytest.fixture(params=["listen", "grpc_aio_listen"])
 def listener(request) -> str:
     return request.param
 
 
 def address(server, listener: str) -> str:
-    return f"127.0.0.1:{server.port if listener == 'listen' else server.fast_port}"
+    return f"127.0.0.1:{server.port if listener == 'listen' else server.aio_port}"
 
 
 @pytest.fixture
 def proxy(coalesce_process, listener):
-    data = {**config(), "fast_listen": f"127.0.0.1:{free_port()}"}
+    data = {**config(), "grpc_aio_listen": f"127.0.0.1:{free_port()}"}
     process = coalesce_process(data)
-    if listener == "fast_listen":
-        process.url = data["fast_listen"]
+    if listener == "grpc_aio_listen":
+        process.url = data["grpc_aio_listen"]
     return process
 
 

@@ -38,7 +38,16 @@ def _outcome(future: asyncio.Future) -> BaseException | None:
     return asyncio.CancelledError() if future.cancelled() else future.exception()
 
 
-RESTART_KEYS = ("listen", "fast_listen", "admin", "workers", "max_message_mb", "metrics", "tracing")
+RESTART_KEYS = (
+    "listen",
+    "grpc_aio_listen",
+    "admin",
+    "workers",
+    "max_message_mb",
+    "metrics",
+    "tracing",
+    "http2",
+)
 """Config keys a running server cannot change: a reload that changes them is refused."""
 
 

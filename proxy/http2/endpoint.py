@@ -161,7 +161,7 @@ class Endpoint(asyncio.Protocol):
             )
         }
         self._window_updates, self._pings = self.budgets["window_update"], self.budgets["ping"]
-        self._header_bytes = self.budgets["header_bytes"]
+        self._header_bytes, self._resets = self.budgets["header_bytes"], self.budgets["reset"]
 
     # hooks
 
@@ -642,10 +642,11 @@ class Endpoint(asyncio.Protocol):
             await stream.writable
 
     def _earn(self) -> None:
-        """Each answer lets the peer acknowledge it (a WINDOW_UPDATE and a PING more) and
-        ask again with a large header block."""
+        """Each answer lets the peer acknowledge it (a WINDOW_UPDATE and a PING more), cancel
+        a call and ask again with a large header block."""
         self._window_updates.earn(1.0)
         self._pings.earn(1.0)
+        self._resets.earn(1.0)  # a client may cancel as many calls as it lets finish
         self._header_bytes.earn(4096.0)
 
     def reset(self, stream_id: int, code: int) -> None:

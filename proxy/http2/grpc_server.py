@@ -16,9 +16,10 @@ import base64
 import binascii
 import inspect
 import logging
+import ssl
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import grpc
@@ -435,7 +436,7 @@ def _plain(connection: ServerConnection, stream: Stream, status: bytes, text: by
 
 
 class NativeServer:
-    """The fast_listen listener: a Listener of our HTTP/2 serving the gRPC handlers."""
+    """The gRPC listener: a Listener of our HTTP/2 serving the gRPC handlers."""
 
     def __init__(
         self,
@@ -451,8 +452,14 @@ class NativeServer:
     def connections(self) -> set[ServerConnection]:
         return self.listener.connections
 
-    async def start(self, address: str, reuse_port: bool = False) -> int:
-        self.port = await self.listener.start(address, reuse_port)
+    async def start(
+        self,
+        address: str,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        identify: Callable | None = None,
+    ) -> int:
+        self.port = await self.listener.start(address, reuse_port, tls, identify)
         return self.port
 
     async def stop(self, grace: float) -> None:

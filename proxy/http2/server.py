@@ -113,6 +113,7 @@ class ServerConnection(Endpoint):
         self._on_close = on_close
         self.peer = ""
         self.auth: dict = {}  # the client certificate's names, under mutual TLS
+        self.identify: Callable | None = None  # ssl object -> auth (set by the Listener)
         self.last_stream = 0
         self.born = self.idle_since = self._loop.time()
         self._reset: set[int] = set()  # streams we reset: their late frames are no error
@@ -122,6 +123,9 @@ class ServerConnection(Endpoint):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
+        identify = self.identify
+        if identify is not None:
+            self.auth = identify(transport.get_extra_info("ssl_object"))
 
     def is_idle(self, stream_id: int) -> bool:
         return stream_id > self.last_stream or not stream_id % 2
@@ -309,11 +313,18 @@ class Listener:
         self.refused = 0
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._identify: Callable | None = None
         self.port = 0
 
     async def start(
-        self, address: str, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+        self,
+        address: str,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        identify: Callable | None = None,
     ) -> int:
+        """Listen on `address`, with TLS if `tls`; `identify` reads a TLS peer's names."""
+        self._identify = identify
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -337,6 +348,7 @@ class Listener:
         connection = ServerConnection(
             self.app, self.max_body, self.connections.discard, self.limits, self.pool
         )
+        connection.identify = self._identify
         self.connections.add(connection)
         return connection
 

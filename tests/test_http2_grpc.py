@@ -1,8 +1,8 @@
-"""`fast_listen`: Coalesce's own HTTP/2 front end (coalesce.http2.server, native_grpc).
+"""gRPC on Coalesce's own HTTP/2 (coalesce.http2): the `listen` front end.
 
-tests/test_kserve_grpc.py runs its every datatype, metadata, health and bad-request
-test against both listeners; these cover what only this stack does itself: flow
-control both ways, deadlines, cancellation, limits, bad HTTP/2, shutdown.
+tests/test_kserve_grpc.py and tests/test_streaming.py run their every test against it
+and the grpc.aio fallback; these cover what only this stack does itself: flow control
+both ways, streams, compression, deadlines, cancellation, limits, bad HTTP/2, shutdown.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from tests.conftest import local_backend, model_of, running
 from tests.support import h2peer as h2
 
 CONFIG = {
-    "fast_listen": "127.0.0.1:0",
     "max_message_mb": 24,
     "backends": {
         "echo": local_backend("echo"),
@@ -41,8 +40,8 @@ CONFIG = {
 }
 
 
-def fast(server) -> str:
-    return f"127.0.0.1:{server.fast_port}"
+def address(server) -> str:
+    return f"127.0.0.1:{server.port}"
 
 
 async def in_thread(function, *args):
@@ -51,7 +50,7 @@ async def in_thread(function, *args):
 
 async def test_concurrent_callers_each_get_their_own_rows_in_shared_batches():
     async with running(CONFIG) as server:
-        client = aio.InferenceServerClient(fast(server))
+        client = aio.InferenceServerClient(address(server))
         xs = [np.full((1, 4), i, dtype=np.float32) for i in range(300)]
         results = await asyncio.gather(*(client.infer("affine", inputs(x=x)) for x in xs))
         await client.close()
@@ -66,7 +65,7 @@ async def test_messages_far_beyond_every_flow_control_window_go_both_ways():
         x = np.random.default_rng(0).standard_normal((5, 1 << 20), dtype=np.float32)
 
         def call():
-            with tc.InferenceServerClient(fast(server)) as client:
+            with tc.InferenceServerClient(address(server)) as client:
                 return client.infer("echo", inputs(x=x), client_timeout=60).as_numpy("x")
 
         np.testing.assert_array_equal(await in_thread(call), x)
@@ -74,7 +73,7 @@ async def test_messages_far_beyond_every_flow_control_window_go_both_ways():
 
 async def test_a_message_over_max_message_mb_is_resource_exhausted_and_serving_goes_on():
     async with running({**CONFIG, "max_message_mb": 1}) as server:
-        client = aio.InferenceServerClient(fast(server))
+        client = aio.InferenceServerClient(address(server))
         with pytest.raises(InferenceServerException) as error:
             await client.infer("echo", inputs(x=np.zeros((1, 1 << 19), np.float32)))
         assert error.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
@@ -87,7 +86,7 @@ async def test_a_message_over_max_message_mb_is_resource_exhausted_and_serving_g
 
 async def test_the_deadline_ends_the_call_and_its_batch_mates_are_unaffected():
     async with running(CONFIG) as server:
-        client = aio.InferenceServerClient(fast(server))
+        client = aio.InferenceServerClient(address(server))
         x = np.ones((1, 4), np.float32)
         start = time.monotonic()
         with pytest.raises(InferenceServerException) as error:
@@ -102,7 +101,7 @@ async def test_the_deadline_ends_the_call_and_its_batch_mates_are_unaffected():
 async def held_call(server, x: np.ndarray):
     """A client, the gated model, and a call of `x` the model now holds (gate closed)."""
     gated = model_of(server, "gated")
-    client = aio.InferenceServerClient(fast(server))
+    client = aio.InferenceServerClient(address(server))
     call = asyncio.ensure_future(client.infer("gated", inputs(x=x)))
     await asyncio.wait_for(gated.entered.wait(), 5)
     return client, gated, call
@@ -124,7 +123,7 @@ async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
 
 async def test_a_stream_is_answered_request_by_request_before_the_client_half_closes():
     async with running(CONFIG) as server:
-        client = aio.InferenceServerClient(fast(server))
+        client = aio.InferenceServerClient(address(server))
         sent, answered = asyncio.Queue(), []
 
         async def requests():
@@ -144,7 +143,7 @@ async def test_a_stream_is_answered_request_by_request_before_the_client_half_cl
 
 
 async def test_unknown_methods_are_unimplemented_at_once_naming_them():
-    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(address(server)) as channel:
         call = channel.stream_stream("/no.Such/Method")()  # never half-closed
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await asyncio.wait_for(call.read(), 5)
@@ -156,7 +155,7 @@ async def test_unknown_methods_are_unimplemented_at_once_naming_them():
 async def test_compressed_requests_are_inflated(compression):
     async with (
         running(CONFIG) as server,
-        grpc.aio.insecure_channel(fast(server), compression=compression) as channel,
+        grpc.aio.insecure_channel(address(server), compression=compression) as channel,
     ):
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -174,7 +173,7 @@ async def test_a_compressed_bomb_stops_at_max_message():
     bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 KB
     framed = b"\x01" + len(bomb).to_bytes(4, "big") + bomb
     async with running(CONFIG) as server:
-        peer = h2.Peer(server.fast_port)
+        peer = h2.Peer(server.port)
         block = h2.request_block("/grpc.health.v1.Health/Check", grpc_encoding="deflate")
         frames = await asyncio.to_thread(_call_raw, peer, block, framed)
         peer.close()
@@ -194,7 +193,7 @@ def _call_raw(peer: h2.Peer, block: bytes, framed: bytes) -> list:
 
 
 async def test_health_watch_streams_status_changes():
-    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(address(server)) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="affine")
         )
@@ -206,8 +205,8 @@ async def test_health_watch_streams_status_changes():
         watch.cancel()
 
 
-async def test_tf_serving_predict_and_health_over_fast_listen():
-    async with running(CONFIG) as server, grpc.aio.insecure_channel(fast(server)) as channel:
+async def test_tf_serving_predict_and_health():
+    async with running(CONFIG) as server, grpc.aio.insecure_channel(address(server)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         answer = await health.Check(health_pb2.HealthCheckRequest(service="affine"))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
@@ -242,7 +241,7 @@ async def test_what_is_not_http2_closes_that_connection_only(garbage):
     async with running(CONFIG) as server:
 
         def poke() -> bytes:
-            with socket.create_connection(("127.0.0.1", server.fast_port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
                 sock.sendall(garbage)
                 data = b""
                 while chunk := sock.recv(65536):
@@ -252,7 +251,7 @@ async def test_what_is_not_http2_closes_that_connection_only(garbage):
         answer = await in_thread(poke)  # returns: the server closed the connection
         assert answer[3] == 4  # our SETTINGS came first ...
         assert b"\x07\x00\x00\x00\x00\x00" in answer  # ... and a GOAWAY ended it
-        client = aio.InferenceServerClient(fast(server))
+        client = aio.InferenceServerClient(address(server))
         assert await client.is_server_live()
         await client.close()
 
@@ -269,15 +268,13 @@ async def test_stop_lets_an_in_flight_call_finish_then_refuses_new_ones():
         await stopping
         await client.close()
         with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", server.fast_port)) != 0
+            assert sock.connect_ex(("127.0.0.1", server.port)) != 0
 
 
-def test_fast_listen_with_tls_is_refused(tmp_path):
-    from tests.support.certs import PKI
-
+def test_fast_listen_is_gone_with_a_message_that_says_what_replaced_it():
     with pytest.raises(ConfigError) as error:
-        config_module.parse({**CONFIG, "tls": PKI(tmp_path).tls()})
-    assert any(p.startswith("fast_listen: speaks no TLS") for p in error.value.problems)
+        config_module.parse({**CONFIG, "fast_listen": "127.0.0.1:0"})
+    assert "fast_listen: gone" in str(error.value) and "grpc_aio_listen" in str(error.value)
 
 
 def test_many_connections_and_threads_at_once():
@@ -288,7 +285,7 @@ def test_many_connections_and_threads_at_once():
             errors: list = []
 
             def worker(k: int) -> None:
-                with tc.InferenceServerClient(fast(server)) as client:
+                with tc.InferenceServerClient(address(server)) as client:
                     for i in range(50):
                         x = np.full((1, 4), k * 100 + i, dtype=np.float32)
                         y = client.infer("affine", inputs(x=x)).as_numpy("y")
