@@ -188,7 +188,8 @@ async def test_thousands_of_cancelling_clients_leak_nothing(coalesce_process):
     )
     # Four connections: one that resets thousands of calls in seconds is Rapid Reset
     # (GOAWAY ENHANCE_YOUR_CALM, see test_http2_limits), however honest its reasons.
-    clients = [aio.InferenceServerClient(proxy.url) for _ in range(4)]
+    own = [("grpc.use_local_subchannel_pool", 1)]  # else gRPC shares one connection
+    clients = [aio.InferenceServerClient(proxy.url, channel_args=own) for _ in range(4)]
 
     async def good(i: int) -> None:
         x = np.full((1, 4), i, np.float32)
