@@ -37,6 +37,7 @@ SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 4, 5, 6, 7
 CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 8, 9, 11
 
 MAX_FRAME = 16384  # we never raise SETTINGS_MAX_FRAME_SIZE: peers send at most this
+MAX_SETTINGS = 32  # entries in one SETTINGS frame (there are 6 kinds; nghttp2 allows 32)
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
 LINGER_S = 1.0  # after an error's GOAWAY, how long the peer has to read it before we close
@@ -481,6 +482,8 @@ class Endpoint(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS length")
+        if len(payload) > 6 * MAX_SETTINGS:
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"more than {MAX_SETTINGS} SETTINGS entries")
         self._spend("settings", "SETTINGS frames")
         window = self.peer_window
         for pos in range(0, len(payload), 6):
@@ -642,12 +645,12 @@ class Endpoint(asyncio.Protocol):
             await stream.writable
 
     def _earn(self) -> None:
-        """Each answer lets the peer acknowledge it (a WINDOW_UPDATE and a PING more), cancel
+        """Each answer lets the peer acknowledge it (WINDOW_UPDATEs and a PING more), cancel
         a call and ask again with a large header block."""
-        self._window_updates.earn(1.0)
+        self._window_updates.earn(2.0)
         self._pings.earn(1.0)
         self._resets.earn(1.0)  # a client may cancel as many calls as it lets finish
-        self._header_bytes.earn(4096.0)
+        self._header_bytes.earn(2048.0)
 
     def reset(self, stream_id: int, code: int) -> None:
         self._blocked.pop(stream_id, None)
@@ -679,6 +682,8 @@ class Endpoint(asyncio.Protocol):
         stream.pending = pending
         if chunks:
             self.write(b"".join(chunks))
+            self._window_updates.earn(2.0 * len(chunks))  # a peer acknowledges what we send
+            self._pings.earn(len(chunks))
         if pending is None:
             if stream.writable is not None and not stream.writable.done():
                 stream.writable.set_result(None)
@@ -691,6 +696,8 @@ class Endpoint(asyncio.Protocol):
         completes in one pass share one send() (a send per answer was a quarter of the
         CPU at c=64; measured: 18.2k vs 15.9k req/s through Triton, same p50 at c=1).
         Every frame goes this way, so their order on the wire is the order written."""
+        if self.lingering:
+            return  # GOAWAY is out and our side shut: nothing more is sent
         if not self.corks:
             self.transport.write(data)
             return
