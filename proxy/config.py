@@ -700,7 +700,9 @@ class Http2(_Strict):
         "answer earns one.",
     )
     window_update_rate: _Rate = Field(
-        (1000, 100), description="WINDOW_UPDATE frames (each DATA frame we send earns two)."
+        (1000, 100),
+        description="WINDOW_UPDATE frames (each stream opened earns one, each DATA frame we "
+        "send two).",
     )
     priority_rate: _Rate = Field((1000, 100), description="PRIORITY frames.")
     empty_frame_rate: _Rate = Field(

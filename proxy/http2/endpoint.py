@@ -147,6 +147,7 @@ class Endpoint(asyncio.Protocol):
         self._credit_step = limits.connection_window // 4
         self.held = 0
         self._blocked: dict[int, Stream] = {}  # streams waiting for send window
+        self.resets: set[int] = set()  # streams we reset lately
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] | None = None  # frames waiting for this loop pass to end
         self.budgets = {
@@ -331,25 +332,31 @@ class Endpoint(asyncio.Protocol):
         if not size and not end:
             self._spend("empty_frame", "frames that carry nothing")
         stream = self.streams.get(stream_id)
-        if stream is None or stream.ended:
+        if stream is None:
             if self.is_idle(stream_id):
                 raise ProtocolError(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             self._consumed(size)
-            self._spend("empty_frame", "frames on closed streams")
-            self.reset(stream_id, STREAM_CLOSED)
+            if stream_id not in self.resets:  # in flight when we reset it: ignored (5.1)
+                self._spend("empty_frame", "frames on closed streams")
+                self.reset(stream_id, STREAM_CLOSED)
+            return
+        if stream.ended:
+            self._consumed(size)
+            self.stream_error(stream, STREAM_CLOSED)
             return
         stream.recv_window -= size
         if stream.recv_window < 0:
             self._consumed(size)
             self.stream_error(stream, FLOW_CONTROL_ERROR)
             return
-        if stream.too_big:
-            self._consumed(size)  # not kept: credited back at once
-        else:
+        kept = 0 if stream.too_big else len(payload)
+        if size > kept:
+            self._consumed(size - kept)  # padding, or a body not kept: credited at once
+        if kept:
             stream.body += payload
-            stream.held += size
-            self.held += size
-            self._uncredited_held += size
+            stream.held += kept
+            self.held += kept
+            self._uncredited_held += kept
             if self._uncredited_held + self._uncredited_done >= self._credit_step:
                 self._credit()
         if end:
@@ -467,8 +474,11 @@ class Endpoint(asyncio.Protocol):
         except HpackError as exc:
             raise ProtocolError(COMPRESSION_ERROR, str(exc)) from None
         if self._block_error:
-            self.reset(stream_id, self._block_error)
-            self.streams.pop(stream_id, None)
+            stream = self.streams.get(stream_id)
+            if stream is not None:  # trailers: the stream and what it holds go
+                self.stream_error(stream, self._block_error)
+            else:
+                self.reset(stream_id, self._block_error)
             return
         self.on_headers(stream_id, fields, self._block_end, problem)
 
@@ -565,6 +575,8 @@ class Endpoint(asyncio.Protocol):
             raise ProtocolError(PROTOCOL_ERROR, "PRIORITY on stream 0")
         self._spend("priority", "PRIORITY frames")
         stream = self.streams.get(stream_id)
+        if stream is None and stream_id in self.resets:
+            return  # reset already: nothing more is said on it
         if len(payload) != 5:
             self.reset(stream_id, FRAME_SIZE_ERROR)  # a stream error (RFC 9113 6.3)
         elif int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == stream_id:
@@ -653,6 +665,9 @@ class Endpoint(asyncio.Protocol):
         self._header_bytes.earn(2048.0)
 
     def reset(self, stream_id: int, code: int) -> None:
+        if len(self.resets) >= 1024:
+            self.resets.clear()
+        self.resets.add(stream_id)  # its late frames are no error
         self._blocked.pop(stream_id, None)
         if self.transport is not None and not self.transport.is_closing():
             self.write(frame(RST_STREAM, 0, stream_id, code.to_bytes(4, "big")))

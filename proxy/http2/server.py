@@ -114,9 +114,9 @@ class ServerConnection(Endpoint):
         self.peer = ""
         self.auth: dict = {}  # the client certificate's names, under mutual TLS
         self.identify: Callable | None = None  # ssl object -> auth (set by the Listener)
-        self.last_stream = 0
+        self.last_stream = 0  # the highest stream id the peer used
+        self.last_taken = 0  # the highest we took on: what a GOAWAY names (6.8)
         self.born = self.idle_since = self._loop.time()
-        self._reset: set[int] = set()  # streams we reset: their late frames are no error
         self._closed: set[int] = set()  # streams lately closed both ways
 
     def connection_made(self, transport) -> None:
@@ -128,16 +128,11 @@ class ServerConnection(Endpoint):
             self.auth = identify(transport.get_extra_info("ssl_object"))
 
     def is_idle(self, stream_id: int) -> bool:
-        return stream_id > self.last_stream or not stream_id % 2
+        unused = stream_id > self.last_stream or not stream_id % 2
+        return unused and stream_id not in self.resets  # (a PRIORITY may reset an idle one)
 
     def check_fields(self, fields: list[tuple[str, str]]) -> str | None:
         return request_problem(fields)
-
-    def reset(self, stream_id: int, code: int) -> None:
-        if len(self._reset) >= 1024:
-            self._reset.clear()
-        self._reset.add(stream_id)
-        super().reset(stream_id, code)
 
     def on_headers(
         self, stream_id: int, fields: list[tuple[str, str]], end: bool, problem: str | None
@@ -154,13 +149,13 @@ class ServerConnection(Endpoint):
         if self.is_idle(stream_id):
             if not stream_id % 2:
                 raise ProtocolError(PROTOCOL_ERROR, f"even stream id {stream_id}")
-        elif stream_id in self._reset:
+        elif stream_id in self.resets:
             return  # a stream we reset: the peer may not know yet
         elif stream_id in self._closed:
             raise ProtocolError(STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
         else:  # lower than one it opened: no new stream (RFC 9113 5.1.1)
             raise ProtocolError(PROTOCOL_ERROR, f"stream id {stream_id} out of order")
-        self.last_stream = stream_id
+        self.last_stream = stream_id  # every lower id is closed now (5.1.1)
         if problem is not None and problem is not HAS_LENGTH:
             self.reset(stream_id, PROTOCOL_ERROR)  # malformed (RFC 9113 8.1.1)
             return
@@ -168,16 +163,18 @@ class ServerConnection(Endpoint):
             self._spend("empty_frame", "streams beyond SETTINGS_MAX_CONCURRENT_STREAMS")
             self.reset(stream_id, REFUSED_STREAM)
             return
+        self.last_taken = stream_id
         stream = self.streams[stream_id] = Stream(
             stream_id, self.peer_window, self.limits.stream_window
         )
+        self._window_updates.earn(1.0)  # gRPC clients widen each new stream's window
         stream.headers = fields
         if problem is HAS_LENGTH:
             stream.expected = int(next(v for n, v in fields if n == "content-length"))
         self.app.opened(self, stream)
         if stream.sent or stream.closing:  # answered from its headers alone
-            if not end:
-                self.reset(stream_id, NO_ERROR)  # the rest of the request is not needed
+            stream.ended = stream.ended or end
+            self._early(stream)
             return
         if end:
             self._end(stream)
@@ -192,9 +189,8 @@ class ServerConnection(Endpoint):
             stream.body = bytearray()
             self.release(stream)
             self.app.request(self, stream)
-            if not stream.sent and not stream.closing:
-                return
-            self.reset(stream.id, NO_ERROR)  # the rest of the body is not needed
+            stream.ended = stream.ended or end
+            self._early(stream)
             return
         if end:
             self._end(stream)
@@ -222,9 +218,18 @@ class ServerConnection(Endpoint):
     def on_goaway(self, last_stream: int, code: int) -> None:
         self._close_if_done()
 
+    def _early(self, stream: Stream) -> None:
+        """Answered before its request ended: once the answer is out, RST_STREAM NO_ERROR
+        tells the peer to send no more of it (RFC 9113 8.1)."""
+        stream.too_big = True  # what still comes is not kept
+        if stream.sent and not stream.ended and stream.id not in self.resets:
+            self.reset(stream.id, NO_ERROR)
+
     def on_sent(self, stream: Stream) -> None:
         """Our side is closed. A request is answered once its body has ended, or early
-        (too big), and then reset, so the stream is done either way."""
+        (and then reset), so the stream is done either way."""
+        if stream.too_big:
+            self._early(stream)
         self.streams.pop(stream.id, None)
         self.release(stream)
         self._forgot(stream.id)
@@ -262,11 +267,11 @@ class ServerConnection(Endpoint):
         if self.transport is None or self.transport.is_closing():
             return
         self.draining = True
-        self.write(frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + bytes(4)))
+        self.write(frame(GOAWAY, 0, 0, self.last_taken.to_bytes(4, "big") + bytes(4)))
         self._close_if_done()
 
     def close(self, code: int, message: str, last_stream: int = 0, quiet: bool = False) -> None:
-        super().close(code, message, last_stream or self.last_stream, quiet)
+        super().close(code, message, last_stream or self.last_taken, quiet)
 
     def _close_if_done(self) -> None:
         if self.draining and not self.streams and self.transport is not None:
