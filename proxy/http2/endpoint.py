@@ -257,7 +257,7 @@ class Endpoint(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.lingering:
             self.transport.resume_reading()
 
     # frames in
@@ -749,6 +749,7 @@ class Endpoint(asyncio.Protocol):
         self.lingering = True
         self._blocked.clear()
         self.transport.write_eof()
+        self.transport.pause_reading()  # what it still sends waits in the kernel, free to us
         self._loop.call_later(LINGER_S, self.transport.close)
 
 
