@@ -460,7 +460,7 @@ def scenario_streaming(args, tmp: Path) -> list[dict]:
 
 
 def scenario_attacks(args, tmp: Path) -> list[dict]:
-    """9. Attacks on fast_listen, each beside a measured client (benchmarks/attacks.py)."""
+    """9. Attacks on our HTTP/2 listener, each beside a measured client (benchmarks/attacks.py)."""
     from benchmarks import attacks  # imported here: it imports this module
 
     return attacks.scenario_attacks(args, tmp)
