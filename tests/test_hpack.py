@@ -7,58 +7,15 @@ through Huffman coding, table eviction and size updates, and malformed blocks.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import random
 
 import pytest
 from coalesce.http2.hpack import STATIC_TABLE, Decoder, HpackError, huffman_decode
 
-_LIB = ctypes.util.find_library("nghttp2")
-pytestmark = pytest.mark.skipif(_LIB is None, reason="needs libnghttp2 (make test installs it)")
+from tests.support.h2fuzz import LIB, Deflater
 
-
-class _NV(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_void_p),
-        ("value", ctypes.c_void_p),
-        ("namelen", ctypes.c_size_t),
-        ("valuelen", ctypes.c_size_t),
-        ("flags", ctypes.c_uint8),
-    ]
-
-
-class Encoder:
-    """libnghttp2's HPACK deflater: it indexes, evicts and Huffman-codes as it sees fit."""
-
-    def __init__(self, table_size: int = 4096) -> None:
-        self.lib = ctypes.CDLL(_LIB)
-        self.lib.nghttp2_hd_deflate_hd.restype = ctypes.c_ssize_t
-        self.deflater = ctypes.c_void_p()
-        assert self.lib.nghttp2_hd_deflate_new(ctypes.byref(self.deflater), table_size) == 0
-
-    def encode(self, headers: list[tuple[bytes, bytes]], never_index: bool = False) -> bytes:
-        keep, fields = [], (_NV * len(headers))()
-        for i, (name, value) in enumerate(headers):
-            n, v = (
-                ctypes.create_string_buffer(name, len(name)),
-                ctypes.create_string_buffer(value, len(value)),
-            )
-            keep += (n, v)
-            fields[i] = _NV(
-                ctypes.cast(n, ctypes.c_void_p),
-                ctypes.cast(v, ctypes.c_void_p),
-                len(name),
-                len(value),
-                int(never_index),
-            )
-        out = ctypes.create_string_buffer(1 << 16)
-        size = self.lib.nghttp2_hd_deflate_hd(self.deflater, out, 1 << 16, fields, len(headers))
-        assert size >= 0
-        return out.raw[:size]
-
-    def change_table_size(self, size: int) -> None:
-        assert self.lib.nghttp2_hd_deflate_change_table_size(self.deflater, size) == 0
+pytestmark = pytest.mark.skipif(LIB is None, reason="needs libnghttp2 (make test installs it)")
+Encoder = Deflater  # libnghttp2's HPACK encoder (tests/support/h2fuzz.py)
 
 
 GRPC = [
@@ -82,7 +39,7 @@ def test_random_header_lists_decode_as_sent_while_the_table_fills_and_evicts():
         for _ in range(rng.randrange(6)):
             name = b"x-" + bytes(rng.choice(b"abcdefghij-") for _ in range(rng.randrange(1, 12)))
             headers.append((name, bytes(rng.randrange(256) for _ in range(rng.randrange(60)))))
-        block = encoder.encode(headers, never_index=rng.random() < 0.3)
+        block = encoder.encode(headers, never=[rng.random() < 0.3] * len(headers))
         assert decoder.decode(block)[0] == text(headers)
     assert decoder.size <= 4096 and len(decoder.table) > 10
 
