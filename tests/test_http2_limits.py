@@ -21,6 +21,7 @@ from tests.support.coalesce import Process, free_port
 
 CALL = "/inference.GRPCInferenceService/ServerLive"
 HEAD = h2.frame(h2.HEADERS, h2.END_HEADERS, 1, h2.request_block(CALL))
+MALFORMED = h2.request_block(CALL) + h2.literal(b"X-Upper", b"1")
 MB = 1 << 20
 
 
@@ -148,6 +149,13 @@ FLOODS = {
         1,
     ),
     "empty DATA frames": (HEAD + h2.frame(h2.DATA, 0, 1, b"") * 1100, 1),
+    "malformed requests we must reset (MadeYouReset)": (
+        b"".join(
+            h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 2 * i + 1, MALFORMED)
+            for i in range(1100)
+        ),
+        1,
+    ),
 }
 
 

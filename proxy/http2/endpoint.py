@@ -587,8 +587,11 @@ class Endpoint(asyncio.Protocol):
             self.release(stream)
             self.on_reset(stream_id, CANCEL)
 
-    def stream_error(self, stream: Stream, code: int) -> None:
-        """RST_STREAM `code` for a stream the peer misused; its handler is told as by a reset."""
+    def stream_error(self, stream: Stream, code: int, spend: bool = True) -> None:
+        """RST_STREAM `code` for a stream the peer misused; its handler is told as by a reset.
+        It spends the peer's reset budget: resets it makes us send cost it as its own do."""
+        if spend:
+            self._spend("reset", "streams in error")
         self.reset(stream.id, code)
         self.release(stream)
         self.on_reset(stream.id, CANCEL)

@@ -157,6 +157,7 @@ class ServerConnection(Endpoint):
             raise ProtocolError(PROTOCOL_ERROR, f"stream id {stream_id} out of order")
         self.last_stream = stream_id  # every lower id is closed now (5.1.1)
         if problem is not None and problem is not HAS_LENGTH:
+            self._spend("reset", "malformed requests")  # resets we are made to send count too
             self.reset(stream_id, PROTOCOL_ERROR)  # malformed (RFC 9113 8.1.1)
             return
         if self.draining or len(self.streams) >= self.limits.max_concurrent_streams:
@@ -302,7 +303,7 @@ class ServerConnection(Endpoint):
                 if stream.held != stream.seen:
                     stream.seen, stream.stalled = stream.held, now
                 elif now - stream.stalled > limits.body_timeout_s:
-                    self.stream_error(stream, CANCEL)  # a body that stopped arriving
+                    self.stream_error(stream, CANCEL, spend=False)  # a body that stopped
 
 
 class _Refused(asyncio.Protocol):
