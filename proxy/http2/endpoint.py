@@ -62,6 +62,7 @@ class Stream:
         "closing",
         "ended",
         "expected",
+        "framed",
         "headers",
         "held",
         "id",
@@ -92,6 +93,7 @@ class Stream:
         self.sent = False  # our side is complete
         self.ended = False  # the peer's side is complete (END_STREAM received)
         self.expected = -1  # content-length, when the peer sent one
+        self.framed = False  # a gRPC message: its length prefix may be checked early
         self.task: asyncio.Task | None = None  # server: the handler
         self.call: Any = None  # client: the caller's future
         self.too_big = False

@@ -253,6 +253,7 @@ class GrpcApp:
             deadline, tuple(metadata), connection.peer, self._loop.time, connection.auth
         )
         call = stream.call = Call(handler, context, deadline, encoding)
+        stream.framed = True
         if handler.request_streaming or handler.response_streaming:
             stream.streaming = True
             call.messages = Messages(connection, stream, self)

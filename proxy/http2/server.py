@@ -189,7 +189,11 @@ class ServerConnection(Endpoint):
         if not stream.too_big and (
             len(body) > self.max_body
             # a gRPC message's length prefix: refused before its bytes are waited for
-            or (len(body) >= 5 and int.from_bytes(body[1:5], "big") + 5 > self.max_body)
+            or (
+                stream.framed
+                and len(body) >= 5
+                and int.from_bytes(body[1:5], "big") + 5 > self.max_body
+            )
         ):
             stream.too_big = True  # answered at once (RESOURCE_EXHAUSTED); no bytes kept
             stream.body = bytearray()
