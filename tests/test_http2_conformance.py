@@ -256,9 +256,10 @@ STREAM_ERRORS = {
             h2.HEADERS,
             h2.END_HEADERS,
             1,
-            b"\x83\x86\x84" + h2.literal(b"content-length", b"9"),  # POST / , no content-type
+            b"\x83\x86\x84" + h2.literal(b"content-length", b"10"),  # POST /, no content-type
         )
-        + h2.frame(h2.DATA, h2.END_STREAM, 1, b"abc"),
+        + h2.frame(h2.DATA, 0, 1, b"text")  # no gRPC length prefix (it would read ~1.9 GB)
+        + h2.frame(h2.DATA, h2.END_STREAM, 1, b"plain"),
         h2.PROTOCOL_ERROR,
     ),
     "trailers without END_STREAM (8.1)": (
