@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
-from coalesce import tls
 from coalesce.codecs import wire
 from coalesce.config import GrpcBackend
 from coalesce.core import forwarding
@@ -24,6 +23,8 @@ from coalesce.core.adapter import import_string
 from coalesce.core.request import ModelInfo, Tensors, TensorSpec
 from coalesce.core.tensors import check_shape, from_raw, to_raw
 from coalesce.errors import CoalesceError, Internal, InvalidArgument, Unavailable, from_backend
+from coalesce.http2.client import CallError
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from . import channels
@@ -101,8 +102,7 @@ class GrpcAdapter:
             if self._builtin
             else import_string(config.codec)(**config.args)
         )
-        self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.UnaryUnaryMultiCallable | None = None
+        self._caller: channels.Caller | None = None
         self._info = ModelInfo(
             _specs(getattr(self._codec, "inputs", ())),
             _specs(getattr(self._codec, "outputs", ())),
@@ -110,7 +110,7 @@ class GrpcAdapter:
         )
         self._limit: int | None = getattr(self._codec, "max_batch_size", None)
         self._ready = False
-        self.retry_counter: channels.RetryCounter | None = None
+        self.retry_counter: Any = None
 
     async def load(self) -> None:
         if not isinstance(self._codec, Codec):
@@ -118,38 +118,34 @@ class GrpcAdapter:
                 f"codec {self.config.codec!r} lacks method, request_serializer, "
                 "response_deserializer, encode or decode"
             )
-        target = channels.target(self.config)
-        self._channel = tls.open_channel(
-            target,
-            tls.client_certificates(self.config.tls),
-            channels.options(self.config),
-        )
-        self.retry_counter = channels.RetryCounter(target)
-        self._call = self._channel.unary_unary(
-            self._codec.method,
-            request_serializer=self._codec.request_serializer,
-            response_deserializer=self._codec.response_deserializer,
-        )
+        self._caller = channels.open_caller(self.config)
+        self.retry_counter = self._caller.retry_counter
         await self.ready()
+
+    async def _ask(
+        self, path: str, request: bytes, timeout: float | None, metadata: Any = None
+    ) -> bytes:
+        return await self._caller.unary(path, request, timeout, metadata)  # type: ignore[union-attr]
 
     async def infer(self, inputs: Tensors, timeout: float | None) -> Tensors:
         if not self._ready and not await self.ready():
             raise Unavailable(f"backend '{self.name}': {self.config.address} is not ready")
+        codec = self._codec
         try:
-            request = self._codec.encode(inputs)
+            request = codec.request_serializer(codec.encode(inputs))
         except CoalesceError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(f"backend '{self.name}': cannot encode the batch: {exc}") from exc
         try:
-            response = await self._call(request, timeout=timeout, metadata=forwarding.outgoing())
-        except grpc.aio.AioRpcError as exc:
-            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
+            answer = await self._ask(codec.method, request, timeout, forwarding.outgoing())
+        except CallError as exc:
+            raise from_backend(self.name, exc.code, exc.details) from exc
         try:
-            return self._codec.decode(response)
+            return codec.decode(codec.response_deserializer(answer))
         except CoalesceError as exc:
             raise Internal(f"backend '{self.name}' answered a malformed batch: {exc}") from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
             raise Internal(f"backend '{self.name}': cannot decode the answer: {exc}") from exc
 
     async def ready(self) -> bool:
@@ -157,20 +153,15 @@ class GrpcAdapter:
         while it says no, batches are answered UNAVAILABLE rather than sent."""
         try:
             self._ready = await (self._read_metadata() if self._builtin else self._health())
-        except grpc.aio.AioRpcError as exc:
-            log.debug("backend %s: not ready: %s", self.name, exc.details())
+        except CallError as exc:
+            log.debug("backend %s: not ready: %s", self.name, exc.details)
             self._ready = False
         return self._ready
 
     async def _read_metadata(self) -> bool:
-        call = self._channel.unary_unary(
-            f"/{wire.BATCH}/Metadata",
-            request_serializer=wire.BatchMetadataRequest.SerializeToString,
-            response_deserializer=wire.BatchMetadataResponse.FromString,
-        )
-        meta = await call(
-            wire.BatchMetadataRequest(model=self.config.model), timeout=_PROBE_TIMEOUT_S
-        )
+        request = wire.BatchMetadataRequest(model=self.config.model).SerializeToString()
+        answer = await self._ask(f"/{wire.BATCH}/Metadata", request, _PROBE_TIMEOUT_S)
+        meta = wire.BatchMetadataResponse.FromString(answer)
         self._info = ModelInfo(
             _specs(meta.inputs),
             _specs(meta.outputs),
@@ -181,18 +172,15 @@ class GrpcAdapter:
         return meta.ready
 
     async def _health(self) -> bool:
-        check = self._channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+        request = health_pb2.HealthCheckRequest().SerializeToString()
         try:
-            answer = await check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            answer = await self._ask(_HEALTH_CHECK, request, _PROBE_TIMEOUT_S)
+        except CallError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
                 return True  # it answered, so it is up; it just has no health service
             raise
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
+        status = health_pb2.HealthCheckResponse.FromString(answer).status
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     def info(self) -> ModelInfo:
         return self._info
@@ -202,5 +190,5 @@ class GrpcAdapter:
         return self._limit
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        if self._caller is not None:
+            await self._caller.close()

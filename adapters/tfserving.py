@@ -14,13 +14,13 @@ import logging
 from typing import Any
 
 import grpc
-from coalesce import tls
 from coalesce.codecs import wire
 from coalesce.codecs.tf_tensors import BY_ENUM, fill_proto, to_array
 from coalesce.config import TFServingBackend
 from coalesce.core import forwarding
 from coalesce.core.request import ModelInfo, Tensors, TensorSpec
 from coalesce.errors import CoalesceError, Internal, InvalidArgument, Unavailable, from_backend
+from coalesce.http2.client import CallError
 
 from . import channels
 
@@ -51,22 +51,17 @@ class TFServingAdapter:
     def __init__(self, name: str, config: TFServingBackend) -> None:
         self.name = name
         self.config = config
-        self._channel: grpc.aio.Channel | None = None
+        self._caller: channels.Caller | None = None
         self._predict: Any = None
         self._metadata: Any = None
         self._status: Any = None
         self._info = ModelInfo()
         self._loaded = False
-        self.retry_counter: channels.RetryCounter | None = None
+        self.retry_counter: Any = None
 
     async def load(self) -> None:
-        target = channels.target(self.config)
-        self._channel = tls.open_channel(
-            target,
-            tls.client_certificates(self.config.tls),
-            channels.options(self.config),
-        )
-        self.retry_counter = channels.RetryCounter(target)
+        self._caller = channels.open_caller(self.config)
+        self.retry_counter = self._caller.retry_counter
         self._predict = self._method(wire.TF_PREDICTION, "Predict", wire.PredictResponse)
         self._metadata = self._method(
             wire.TF_PREDICTION, "GetModelMetadata", wire.GetModelMetadataResponse
@@ -75,11 +70,14 @@ class TFServingAdapter:
         await self._read_model()
 
     def _method(self, service: str, method: str, response: Any) -> Any:
-        return self._channel.unary_unary(  # type: ignore[union-attr]
-            f"/{service}/{method}",
-            request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=response.FromString,
-        )
+        """`call(message, timeout, metadata=None)`: the decoded answer, or CallError."""
+        path, caller = f"/{service}/{method}", self._caller
+
+        async def call(message: Any, timeout: float | None, metadata: Any = None) -> Any:
+            answer = await caller.unary(path, message.SerializeToString(), timeout, metadata)
+            return response.FromString(answer)
+
+        return call
 
     def _model_spec(self, spec: Any, signature: bool = True) -> None:
         spec.name = self.config.model
@@ -92,10 +90,10 @@ class TFServingAdapter:
         request = wire.GetModelMetadataRequest(metadata_field=["signature_def"])
         self._model_spec(request.model_spec, signature=False)
         try:
-            response = await self._metadata(request, timeout=_PROBE_TIMEOUT_S)
+            response = await self._metadata(request, _PROBE_TIMEOUT_S)
             self._info = self._model_info(response)
-        except (grpc.aio.AioRpcError, CoalesceError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc.message
+        except (CallError, CoalesceError) as exc:
+            detail = exc.details if isinstance(exc, CallError) else exc.message
             log.warning(
                 "backend %s: cannot read model %r from %s: %s",
                 self.name,
@@ -132,9 +130,9 @@ class TFServingAdapter:
         for name, array in inputs.items():
             fill_proto(request.inputs[name], array, name, content=True)
         try:
-            response = await self._predict(request, timeout=timeout, metadata=forwarding.outgoing())
-        except grpc.aio.AioRpcError as exc:
-            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
+            response = await self._predict(request, timeout, forwarding.outgoing())
+        except CallError as exc:
+            raise from_backend(self.name, exc.code, exc.details) from exc
         try:
             return {name: to_array(proto, name) for name, proto in response.outputs.items()}
         except InvalidArgument as exc:
@@ -144,9 +142,9 @@ class TFServingAdapter:
         request = wire.GetModelStatusRequest()
         self._model_spec(request.model_spec, signature=False)
         try:
-            response = await self._status(request, timeout=_PROBE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            response = await self._status(request, _PROBE_TIMEOUT_S)
+        except CallError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                 return False
         else:
             if not any(s.state == _AVAILABLE for s in response.model_version_status):
@@ -161,5 +159,5 @@ class TFServingAdapter:
         return None
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        if self._caller is not None:
+            await self._caller.close()

@@ -1,4 +1,7 @@
-"""`type: triton` — a model on a Triton Inference Server, via tritonclient.grpc.aio.
+"""`type: triton` — a model on a Triton Inference Server, over its gRPC API.
+
+Messages are tritonclient's own (service_pb2), sent through the backend's caller
+(coalesce.adapters.channels: Coalesce's HTTP/2 client or gRPC core).
 
 The model's own config is read so that no batch exceeds its max_batch_size; a
 model with batching off (max_batch_size 0) is called once per row. An
@@ -12,23 +15,20 @@ import asyncio
 import logging
 from typing import Any
 
-import grpc
 import numpy as np
-from coalesce import tls
 from coalesce.config import TritonBackend
 from coalesce.core import forwarding
 from coalesce.core.request import ModelInfo, Tensors, TensorSpec
 from coalesce.core.tensors import from_raw, to_raw
 from coalesce.errors import InvalidArgument, Unavailable, from_backend
-from coalesce.http2.client import CallError, NativeChannel
-from tritonclient.grpc import aio, service_pb2
-from tritonclient.utils import InferenceServerException
+from coalesce.http2.client import CallError
+from tritonclient.grpc import service_pb2
 
 from . import channels
 
 log = logging.getLogger("coalesce")
 _PROBE_TIMEOUT_S = 2.0
-_MODEL_INFER = b"/inference.GRPCInferenceService/ModelInfer"
+_SERVICE = "/inference.GRPCInferenceService/"
 
 
 def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
@@ -41,43 +41,44 @@ class TritonAdapter:
     def __init__(self, name: str, config: TritonBackend) -> None:
         self.name = name
         self.config = config
-        self._client: aio.InferenceServerClient | None = None
+        self._caller: channels.Caller | None = None
         self._info = ModelInfo()
         self._limit: int | None = None
         self._loaded = False
-        self.retry_counter: channels.RetryCounter | None = None
-        self._native: NativeChannel | None = None  # transport: native
+        self.retry_counter: Any = None
 
     async def load(self) -> None:
-        if self.config.transport == "native":
-            self._native = NativeChannel(self.config.target)  # type: ignore[arg-type]
-        target = channels.target(self.config)
-        certificates = tls.client_certificates(self.config.tls)
-        self._client = aio.InferenceServerClient(
-            target,
-            channel_args=channels.options(self.config)
-            + (certificates.options() if certificates else []),
-            creds=certificates.credentials() if certificates else None,
-        )
-        self.retry_counter = channels.RetryCounter(target)
+        self._caller = channels.open_caller(self.config)
+        self.retry_counter = self._caller.retry_counter
         await self._read_model()
+
+    async def _ask(self, method: str, request: Any, response: Any) -> Any:
+        """One of Triton's calls other than inference, within the probe timeout."""
+        answer = await self._caller.unary(  # type: ignore[union-attr]
+            _SERVICE + method, request.SerializeToString(), _PROBE_TIMEOUT_S
+        )
+        return response.FromString(answer)
 
     async def _read_model(self) -> bool:
         model, version = self.config.model, self.config.version
         try:
-            config = await self._client.get_model_config(
-                model, version, client_timeout=_PROBE_TIMEOUT_S
+            config = await self._ask(
+                "ModelConfig",
+                service_pb2.ModelConfigRequest(name=model, version=version),
+                service_pb2.ModelConfigResponse,
             )
-            meta = await self._client.get_model_metadata(
-                model, version, client_timeout=_PROBE_TIMEOUT_S
+            meta = await self._ask(
+                "ModelMetadata",
+                service_pb2.ModelMetadataRequest(name=model, version=version),
+                service_pb2.ModelMetadataResponse,
             )
-        except InferenceServerException as exc:
+        except CallError as exc:
             log.warning(
                 "backend %s: cannot read model %r from %s: %s",
                 self.name,
                 model,
                 self.config.address,
-                exc.message(),
+                exc.details,
             )
             return False
         self._limit = config.config.max_batch_size
@@ -125,32 +126,27 @@ class TritonAdapter:
             tensor.shape.extend(array.shape)
             request.raw_input_contents.append(raw)
         try:
-            if self._native is not None:
-                answer = await self._native.unary(
-                    _MODEL_INFER, request.SerializeToString(), timeout, forwarding.outgoing()
-                )
-                response = service_pb2.ModelInferResponse.FromString(answer)
-            else:
-                response = await self._client._client_stub.ModelInfer(
-                    request, timeout=timeout, metadata=forwarding.outgoing()
-                )
-        except grpc.aio.AioRpcError as exc:
-            raise from_backend(self.name, exc.code(), exc.details() or "") from exc
+            answer = await self._caller.unary(  # type: ignore[union-attr]
+                _SERVICE + "ModelInfer",
+                request.SerializeToString(),
+                timeout,
+                forwarding.outgoing(),
+            )
         except CallError as exc:
             raise from_backend(self.name, exc.code, exc.details) from exc
+        response = service_pb2.ModelInferResponse.FromString(answer)
         return {
             out.name: from_raw(raw, out.datatype, tuple(out.shape), out.name)
             for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
 
     async def ready(self) -> bool:
+        request = service_pb2.ModelReadyRequest(name=self.config.model, version=self.config.version)
         try:
-            ready = await self._client.is_model_ready(
-                self.config.model, self.config.version, client_timeout=_PROBE_TIMEOUT_S
-            )
-        except InferenceServerException:
+            answer = await self._ask("ModelReady", request, service_pb2.ModelReadyResponse)
+        except CallError:
             return False
-        return bool(ready) and (self._loaded or await self._read_model())
+        return answer.ready and (self._loaded or await self._read_model())
 
     def info(self) -> ModelInfo:
         return self._info
@@ -160,7 +156,5 @@ class TritonAdapter:
         return self._limit or None
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-        if self._native is not None:
-            await self._native.close()
+        if self._caller is not None:
+            await self._caller.close()

@@ -224,8 +224,11 @@ def aio_url(process: Process) -> str:
     return yaml.safe_load(process.config.read_text())["grpc_aio_listen"]
 
 
-def triton_route(triton, model: str, transport: str = "grpc") -> dict:
-    backend = {"type": "triton", "target": triton.grpc_url, "model": model, "transport": transport}
+def triton_route(triton, model: str, transport: str | None = None) -> dict:
+    """The default config's route (transport auto: Coalesce's own client), or `transport`."""
+    backend = {"type": "triton", "target": triton.grpc_url, "model": model}
+    if transport is not None:
+        backend["transport"] = transport
     return {"backends": {"mlp": backend}, "routes": [{"model": "bench_mlp", "backend": "mlp"}]}
 
 
@@ -250,7 +253,7 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
     with (
         triton_server() as triton,
         coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy,
-        coalesce(triton_route(triton, "bench_mlp", "native"), tmp) as native,
+        coalesce(triton_route(triton, "bench_mlp", "grpc"), tmp) as core,
         helper_server("passthrough", triton.grpc_url) as (hop, hop_pid),
     ):
         requests, expected = workload("bench_mlp")
@@ -259,7 +262,7 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
             ("coalesce -> triton (default)", proxy.url, proxy.proc.pid, requests, expected),
             ("coalesce grpc_aio_listen -> triton", aio_url(proxy), proxy.proc.pid, requests,
              expected),
-            ("coalesce -> native -> triton", native.url, native.proc.pid, requests, expected),
+            ("coalesce -> grpc core -> triton", core.url, core.proc.pid, requests, expected),
             ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
         with _workers(triton, args, tmp) as extra:
@@ -271,7 +274,7 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
     with (
         triton_server() as triton,
         coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy,
-        coalesce(triton_route(triton, "bench_mlp", "native"), tmp) as native,
+        coalesce(triton_route(triton, "bench_mlp", "grpc"), tmp) as core,
     ):
         direct = workload("bench_mlp_dyn")
         routed = workload("bench_mlp")
@@ -279,7 +282,7 @@ def scenario_versus(args, tmp: Path) -> list[dict]:
             ("triton dynamic batcher", triton.grpc_url, triton.pid, *direct),
             ("coalesce -> triton (default)", proxy.url, proxy.proc.pid, *routed),
             ("coalesce grpc_aio_listen -> triton", aio_url(proxy), proxy.proc.pid, *routed),
-            ("coalesce -> native -> triton", native.url, native.proc.pid, *routed),
+            ("coalesce -> grpc core -> triton", core.url, core.proc.pid, *routed),
         ]
         with _workers(triton, args, tmp) as extra:
             return compare("versus", targets + extra(*routed), [1, 64, 256], args)

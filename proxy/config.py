@@ -119,7 +119,7 @@ class BackendTLS(_Strict):
     ca: str | None = Field(
         None,
         description="PEM CA bundle the backend's certificate is verified against; "
-        "default gRPC's bundled roots.",
+        "default the system's roots (transport native) or gRPC's bundled ones (grpc).",
     )
     cert: str | None = Field(None, description="PEM client certificate chain (mutual TLS).")
     key: str | None = Field(None, description="PEM private key of `cert`.")
@@ -378,6 +378,15 @@ class RemoteBackend(_Backend):
         description="Eject replicas that keep failing; null turns it off.",
     )
     retries: Retries = Field(default_factory=Retries, description="Retries of UNAVAILABLE calls.")
+    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
+    transport: Literal["auto", "native", "grpc"] = Field(
+        "auto",
+        description="native: Coalesce's own HTTP/2 client (coalesce.http2.client), one "
+        "connection to one `target` host:port, cleartext or TLS, with these retries; ~0.3 ms "
+        "less per call than gRPC core at light load. grpc: gRPC core's channel (replicas, "
+        "dns:/// names, balancing, outlier ejection). auto: native when `target` is an IP "
+        "address or localhost, else grpc (a name may resolve to several replicas).",
+    )
 
     @field_validator("target")
     @classmethod
@@ -405,7 +414,29 @@ class RemoteBackend(_Backend):
     def _one_address(self) -> RemoteBackend:
         if (self.target is None) == (self.targets is None):
             raise ValueError("give either target or targets")
+        if self.transport == "native" and self._single_host() is None:
+            raise ValueError("transport native takes one host:port `target`")
         return self
+
+    def _single_host(self) -> str | None:
+        """The host of a plain host:port `target` (None for replicas, dns:, unix: ...)."""
+        if self.target is None or self.target.startswith(("dns:", "unix:", "ipv4:", "ipv6:")):
+            return None
+        return self.target.rpartition(":")[0].strip("[]")
+
+    @property
+    def native(self) -> bool:
+        """Whether calls go over Coalesce's own HTTP/2 client (see `transport`)."""
+        if self.transport != "auto":
+            return self.transport == "native"
+        host = self._single_host()
+        if host == "localhost":
+            return True
+        try:
+            ipaddress.ip_address(host or "")
+        except ValueError:
+            return False
+        return True
 
     @property
     def address(self) -> str:
@@ -444,23 +475,6 @@ class TritonBackend(RemoteBackend):
     type: Literal["triton"]
     model: str = Field(min_length=1, description="The model's name on Triton.")
     version: str = Field("", description="The model version; empty for Triton's choice.")
-    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
-    transport: Literal["grpc", "native"] = Field(
-        "grpc",
-        description="grpc: gRPC core (replicas, balancing, outlier ejection, retries, TLS). "
-        "native: inference calls over Coalesce's own HTTP/2 client (coalesce.http2.client), one "
-        "cleartext connection to one `target` host:port, ~0.3 ms less per call at light "
-        "load; none of gRPC core's features.",
-    )
-
-    @model_validator(mode="after")
-    def _native_is_plain(self) -> TritonBackend:
-        if self.transport == "native":
-            if self.targets is not None or (self.target or "").startswith(("dns:", "unix:")):
-                raise ValueError("transport native takes one host:port `target`")
-            if self.tls is not None:
-                raise ValueError("transport native speaks no TLS")
-        return self
 
 
 class GrpcBackend(RemoteBackend):
@@ -478,7 +492,6 @@ class GrpcBackend(RemoteBackend):
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments to the codec class."
     )
-    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
 
     @field_validator("codec")
     @classmethod
@@ -535,7 +548,6 @@ class TFServingBackend(RemoteBackend):
     version: int | None = Field(
         None, ge=1, description="The model version; default the latest TF Serving has."
     )
-    tls: BackendTLS | None = Field(None, description="TLS towards the backend; default plaintext.")
 
 
 class CustomBackend(_Backend):

@@ -151,16 +151,34 @@ def test_the_readme_config_reference_is_current():
 
 
 @pytest.mark.parametrize(
-    ("fields", "problem"),
-    [
-        ({"targets": ["127.0.0.1:1", "127.0.0.1:2"]}, "transport native takes one host:port"),
-        ({"target": "dns:///triton:8001"}, "transport native takes one host:port"),
-        ({"tls": {}}, "transport native speaks no TLS"),
-    ],
+    "fields",
+    [{"targets": ["127.0.0.1:1", "127.0.0.1:2"]}, {"target": "dns:///triton:8001"}],
+    ids=["replicas", "dns"],
 )
-def test_native_transport_is_one_cleartext_address(fields, problem):
+def test_native_transport_is_one_address(fields):
     backend = {"type": "triton", "target": "127.0.0.1:8001", "model": "m", "transport": "native"}
     if "targets" in fields:
         del backend["target"]
     data = {"backends": {"t": {**backend, **fields}}, "routes": [{"model": "t", "backend": "t"}]}
-    assert any(problem in p and p.startswith("backends.t") for p in problems(data))
+    assert any(
+        "transport native takes one host:port" in p and p.startswith("backends.t")
+        for p in problems(data)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "native"),
+    [
+        ({"target": "127.0.0.1:8001"}, True),
+        ({"target": "[::1]:8001", "tls": {}}, True),
+        ({"target": "localhost:8001"}, True),
+        ({"target": "triton.ml.svc:8001"}, False),  # a name may stand for several replicas
+        ({"target": "dns:///triton:8001"}, False),
+        ({"targets": ["127.0.0.1:1", "127.0.0.1:2"]}, False),
+        ({"target": "triton.ml.svc:8001", "transport": "native"}, True),
+        ({"target": "127.0.0.1:8001", "transport": "grpc"}, False),
+    ],
+)
+def test_auto_transport_is_native_for_one_address(fields, native):
+    data = {"backends": {"t": {"type": "tfserving", "model": "m", **fields}}, "routes": []}
+    assert config.parse(data).backends["t"].native is native

@@ -31,12 +31,14 @@ X = np.ones((1, 4), dtype=np.float32)
 
 
 class Replica(batch_server.BatchService):
-    """A batch-protocol replica that can fail every batch with `fail`, or hold batches
-    until `gate` is set; `calls` counts the Infer calls that reached it."""
+    """A batch-protocol replica that can fail every batch with `fail` (or only the next
+    `fail_next` ones), or hold batches until `gate` is set; `calls` counts the Infer calls
+    that reached it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fail: grpc.StatusCode | None = None
+        self.fail_next: int | None = None
         self.gate: asyncio.Event | None = None
         self.calls = 0
 
@@ -44,6 +46,10 @@ class Replica(batch_server.BatchService):
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if self.fail_next is not None:
+            self.fail_next -= 1
+            if self.fail_next < 0:
+                self.fail, self.fail_next = None, None
         if self.fail is not None:
             await context.abort(self.fail, "this replica was told to fail")
         return await super().Infer(request, context)
@@ -267,6 +273,41 @@ async def test_retries_stay_within_the_budget_when_every_replica_fails():
     # Unthrottled that would be 200; the budget allows retries only while more than
     # half of its 10 tokens are left, and each failure spends one.
     assert 40 < attempts <= 45
+
+
+async def test_one_address_is_retried_on_coalesces_own_client_and_counted():
+    """One `target` goes over Coalesce's own HTTP/2 client (transport auto), whose
+    retries follow gRPC's retryPolicy: UNAVAILABLE is re-sent, up to max_attempts, and
+    counted; another status is the caller's at once."""
+    data = backend("", outlier_detection=None, retries={"max_attempts": 3, "budget_tokens": 1000})
+    async with replicas(1) as (services, targets):
+        data["backends"]["b"]["target"] = targets[0]
+        replica = services[0]
+        async with client_of(data) as (client, server):
+            assert server.config.backends["b"].native
+            replica.fail, replica.fail_next = grpc.StatusCode.UNAVAILABLE, 2
+            assert await call(client) == "OK"  # the third attempt went through
+            assert replica.calls == 3
+            replica.fail, replica.fail_next = grpc.StatusCode.UNAVAILABLE, 3
+            assert await call(client) == "UNAVAILABLE"  # three attempts, all failed
+            assert replica.calls == 6
+            replica.fail, replica.fail_next = grpc.StatusCode.INTERNAL, 1
+            assert await call(client) == "INTERNAL"
+            assert replica.calls == 7
+            await server.router.probe()  # the probe loop reads the retry count
+            assert server.router.metrics.backend("b").retries == 4
+
+
+async def test_one_address_retries_stay_within_the_budget():
+    data = backend("", outlier_detection=None, retries={"max_attempts": 5, "budget_tokens": 10})
+    async with replicas(1) as (services, targets):
+        data["backends"]["b"]["target"] = targets[0]
+        services[0].fail = grpc.StatusCode.UNAVAILABLE
+        async with client_of(data) as (client, server):
+            assert server.config.backends["b"].native
+            codes = [await call(client) for _ in range(40)]
+    assert codes == ["UNAVAILABLE"] * 40
+    assert 40 < services[0].calls <= 45  # as gRPC's retryThrottling allows, see above
 
 
 async def test_a_backend_that_fails_its_probes_fails_fast(manual_probes):

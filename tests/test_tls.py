@@ -190,9 +190,11 @@ async def tls_backend(pki: PKI, service: object, server: Issued) -> AsyncIterato
         yield target
 
 
-async def test_grpc_backend_over_mutual_tls_with_a_server_name_override(pki):
+@pytest.mark.parametrize("transport", ["native", "grpc"])
+async def test_grpc_backend_over_mutual_tls_with_a_server_name_override(pki, transport):
     """The backend's certificate names only backend.internal: the channel must expect that
-    name, and present a client certificate, or the backend is never ready."""
+    name, and present a client certificate, or the backend is never ready (on Coalesce's
+    own HTTP/2 client and on gRPC core's channel)."""
     named = pki.ca.issue("backend", dns=("backend.internal",), local=False, stem="named")
     service = RecordingBatchService()
     async with tls_backend(pki, service, named) as target:
@@ -208,6 +210,8 @@ async def test_grpc_backend_over_mutual_tls_with_a_server_name_override(pki):
             },
             "no-name": {"type": "grpc", "target": target, "model": "affine", "tls": client},
         }
+        for block in backends.values():
+            block["transport"] = transport
         data = {"backends": backends, "routes": [{"model": n, "backend": n} for n in backends]}
         async with running(data) as server:
             assert {n: b.ready for n, b in server.router.backends.items()} == {
@@ -291,7 +295,8 @@ async def grpc_infer_model(port: int, model: str) -> None:
         await triton.close()
 
 
-async def test_a_real_triton_over_mutual_tls(pki):
+@pytest.mark.parametrize("transport", ["native", "grpc"])
+async def test_a_real_triton_over_mutual_tls(pki, transport):
     """Coalesce's triton adapter against Triton itself serving gRPC with mutual TLS."""
     from tests.support.triton import TritonServer
 
@@ -306,7 +311,13 @@ async def test_a_real_triton_over_mutual_tls(pki):
     triton = TritonServer(ROOT / "tests" / "triton_models", extra_args=flags)
     await asyncio.to_thread(triton.start)
     try:
-        backend = {"type": "triton", "target": triton.grpc_url, "model": "affine", "tls": mtls}
+        backend = {
+            "type": "triton",
+            "target": triton.grpc_url,
+            "model": "affine",
+            "tls": mtls,
+            "transport": transport,
+        }
         routes = [{"model": "m", "backend": "t"}]
         async with running({"backends": {"t": backend}, "routes": routes}) as server:
             await grpc_infer_model(server.port, "m")
@@ -324,7 +335,9 @@ def test_coalesce_health_speaks_tls_and_mutual_tls(pki, coalesce_process):
     def health(*flags: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "coalesce.cli", "health", "--address", proxy.url, *flags],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     client = ["--tls-cert", str(pki.alice.cert), "--tls-key", str(pki.alice.key)]
