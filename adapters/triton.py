@@ -45,6 +45,7 @@ class TritonAdapter:
         self._info = ModelInfo()
         self._limit: int | None = None
         self._loaded = False
+        self._config: bytes | None = None
         self.retry_counter: Any = None
 
     async def load(self) -> None:
@@ -82,6 +83,7 @@ class TritonAdapter:
             )
             return False
         self._limit = config.config.max_batch_size
+        self._config = config.config.SerializeToString()
         self._info = ModelInfo(
             _specs(meta.inputs), _specs(meta.outputs), meta.platform, tuple(meta.versions)
         )
@@ -150,6 +152,10 @@ class TritonAdapter:
 
     def info(self) -> ModelInfo:
         return self._info
+
+    def model_config(self) -> bytes | None:
+        """Triton's own config of the model (a serialized ModelConfig), once read."""
+        return self._config
 
     @property
     def max_batch_size(self) -> int | None:

@@ -83,6 +83,12 @@ class Internal(CoalesceError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unimplemented(CoalesceError):
+    """A call Coalesce does not serve; the message says what to do instead."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class BackendError(CoalesceError):
     """An error the backend itself reported; the caller sees the backend's status."""
 

@@ -47,6 +47,20 @@ def freeze_heap() -> int:
     return count
 
 
+class _UnknownMethod(grpc.GenericRpcHandler):
+    """Any method no other handler serves: UNIMPLEMENTED naming it, as our own listener
+    says (grpc.aio's own answer is a bare "Method not found!"). Stream-stream, so that it
+    answers at once whatever kind of call the client makes."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        async def answer(requests, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {details.method}"
+            )
+
+        return grpc.stream_stream_rpc_method_handler(answer)
+
+
 def _generic_handlers(servicer) -> list[grpc.GenericRpcHandler]:
     """The generic handlers `add_HealthServicer_to_server` registers, for our listener."""
 
@@ -116,6 +130,7 @@ class Server:
             )
             self._grpc.add_generic_rpc_handlers(handlers)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+            self._grpc.add_generic_rpc_handlers([_UnknownMethod()])  # last: after all others
             self.aio_port = self._add_port(self._grpc, self.config.grpc_aio_listen, self.config.tls)
             if not self.aio_port:
                 raise OSError(f"cannot listen on {self.config.grpc_aio_listen}")

@@ -55,6 +55,7 @@ def supervise(argv: list[str], workers: int) -> int:
                 process.send_signal(signum)
 
     procs = {i: start(i) for i in range(workers)}
+
     def reload(signum: int, frame: object) -> None:
         for process in procs.values():
             if process.poll() is None:

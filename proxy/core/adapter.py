@@ -47,6 +47,10 @@ class Adapter(Protocol):
     async def close(self) -> None:
         """Release connections, threads and processes."""
 
+    # Optional: `model_config() -> bytes | None`, the model's own Triton configuration
+    # (a serialized inference.ModelConfig) for ModelConfig calls; without it Coalesce
+    # builds one from info() (see coalesce.frontends.kserve.triton_api).
+
 
 def import_string(path: str) -> Any:
     """The object at "package.module:attr.sub"."""

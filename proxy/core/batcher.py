@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -152,7 +153,7 @@ class Batcher:
         """
         if self._queued or self._in_flight >= self._policy.max_in_flight or self._closed:
             return await self.submit(request, key)
-        if self._policy.max_delay_ms or request.rows > self._capacity():
+        if self._policy.max_delay_ms or request.rows > self.capacity():
             return await self.submit(request, key)
         self._in_flight += 1
         try:
@@ -229,7 +230,8 @@ class Batcher:
             if slices:
                 return slices
 
-    def _capacity(self) -> int:
+    def capacity(self) -> int:
+        """The most rows one backend call may carry now (policy and backend limits)."""
         limit = self._backend_limit()
         cap = self._policy.max_batch_size
         return min(cap, limit) if limit else cap
@@ -239,7 +241,7 @@ class Batcher:
         loop = self._loop
         oldest = min(q[0].arrived for q in self._queues.values() if q)
         until = oldest + self._policy.max_delay_ms / 1000
-        while self._queued < self._capacity() and loop.time() < until:
+        while self._queued < self.capacity() and loop.time() < until:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), until - loop.time())
@@ -250,7 +252,7 @@ class Batcher:
         """Up to a batch of rows from the queue whose head waited longest."""
         key = min(self._queues, key=lambda k: self._queues[k][0].arrived)
         queue = self._queues[key]
-        room, now, slices = self._capacity(), self._loop.time(), []
+        room, now, slices = self.capacity(), self._loop.time(), []
         while queue and room:
             pending = queue[0]
             request = pending.request
@@ -321,9 +323,10 @@ class Batcher:
         timeout = self._timeout(slices)
         # the batch shares its forwarded metadata (the batching key); trace context: the first's
         metadata = slices[0][0].request.metadata
-        stats, start = self.stats, self._loop.time()
+        # durations by the clock, not loop.time(): uvloop's ticks in whole milliseconds
+        stats, start = self.stats, time.perf_counter()
         rows = sum(b - a for _, a, b in slices)
-        traced = self._trace(slices, start) if self.tracer is not None else None
+        traced = self._trace(slices, self._loop.time()) if self.tracer is not None else None
         if traced is not None:  # the batch's own trace context replaces the caller's
             kept = tuple(p for p in metadata if p[0] not in forwarding.TRACE_CONTEXT)
             metadata = kept + traced.headers
@@ -344,7 +347,7 @@ class Batcher:
             error = exc
             raise
         finally:
-            stats.call.observe(self._loop.time() - start)
+            stats.called(rows, len(slices), time.perf_counter() - start, time.time())
             if sent is not None:
                 forwarding.done(sent)
             if traced is not None:
@@ -361,12 +364,25 @@ class Batcher:
         """Log a failed backend call once; the error its callers get."""
         self.stats.error(exc.code.name if isinstance(exc, CoalesceError) else "INTERNAL")
         if isinstance(exc, CoalesceError):
-            self._log.log(exc.code, logging.WARNING, "backend %s: %d rows failed: %s: %s",
-                          self.name, rows, exc.code.name, exc.message,
-                          extra={"backend": self.name, "status": exc.code.name})
+            self._log.log(
+                exc.code,
+                logging.WARNING,
+                "backend %s: %d rows failed: %s: %s",
+                self.name,
+                rows,
+                exc.code.name,
+                exc.message,
+                extra={"backend": self.name, "status": exc.code.name},
+            )
             return exc
-        self._log.log(type(exc), logging.ERROR, "backend %s failed", self.name, exc_info=exc,
-                      extra={"backend": self.name, "status": "INTERNAL"})
+        self._log.log(
+            type(exc),
+            logging.ERROR,
+            "backend %s failed",
+            self.name,
+            exc_info=exc,
+            extra={"backend": self.name, "status": "INTERNAL"},
+        )
         return Internal(f"backend '{self.name}' failed: {type(exc).__name__}: {exc}")
 
     @staticmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from coalesce.config import Backend as BackendSpec
@@ -96,7 +97,7 @@ class Backend:
         self._route_stats: dict[str, RouteStats] = {}
         self.tracer: Tracer | None = None  # see config `tracing`
         self._released = False
-        self._time = asyncio.get_running_loop().time
+        self._time = time.perf_counter  # latencies; uvloop's loop.time() ticks in ms
 
     async def infer(self, request: InferRequest) -> Tensors:
         """The request's outputs; sent at once, without queueing, when the backend is idle."""
@@ -165,6 +166,10 @@ class Backend:
 
     def info(self) -> ModelInfo:
         return self.adapter.info()
+
+    def route_stats(self, route: str) -> RouteStats | None:
+        """What the callers of `route` on this backend saw (None before the first)."""
+        return self._route_stats.get(route)
 
     def probed(self, ready: bool) -> None:
         """Take a readiness probe's answer (and the retries gRPC made meanwhile).

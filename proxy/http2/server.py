@@ -186,13 +186,16 @@ class ServerConnection(Endpoint):
                 self.app.data(self, stream, end)
             return
         body = stream.body
-        if not stream.too_big and (
-            len(body) > self.max_body
-            # a gRPC message's length prefix: refused before its bytes are waited for
-            or (
-                stream.framed
-                and len(body) >= 5
-                and int.from_bytes(body[1:5], "big") + 5 > self.max_body
+        if (
+            not stream.too_big
+            and (
+                len(body) > self.max_body
+                # a gRPC message's length prefix: refused before its bytes are waited for
+                or (
+                    stream.framed
+                    and len(body) >= 5
+                    and int.from_bytes(body[1:5], "big") + 5 > self.max_body
+                )
             )
         ):
             stream.too_big = True  # answered at once (RESOURCE_EXHAUSTED); no bytes kept

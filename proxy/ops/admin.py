@@ -74,15 +74,17 @@ def make_app(
             try:
                 await reload()
             except ReloadError as exc:
-                return web.json_response({"error": "; ".join(exc.problems),
-                                          "problems": exc.problems}, status=400)
+                return web.json_response(
+                    {"error": "; ".join(exc.problems), "problems": exc.problems}, status=400
+                )
             os.kill(os.getppid(), signal.SIGHUP)
             return web.json_response({"reloaded": True, "workers": "all, via the supervisor"})
         try:
             changes = await reload()
         except ReloadError as exc:
-            return web.json_response({"error": "; ".join(exc.problems),
-                                      "problems": exc.problems}, status=400)
+            return web.json_response(
+                {"error": "; ".join(exc.problems), "problems": exc.problems}, status=400
+            )
         return web.json_response({"reloaded": True, "changes": changes})
 
     async def dashboard(request: web.Request) -> web.Response:

@@ -57,23 +57,26 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
 class RouteStats:
     """What the callers of one route (model name) saw, by gRPC status code."""
 
-    __slots__ = ("latency", "requests", "rows")
+    __slots__ = ("latency", "ok_seconds", "requests", "rows")
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         self.rows: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BOUNDS)
+        self.ok_seconds = 0.0  # the latency sum of the OK ones (Triton's statistics)
 
     def record(self, code: str, rows: int, seconds: float) -> None:
         self.requests[code] = self.requests.get(code, 0) + 1
         self.rows[code] = self.rows.get(code, 0) + rows
         self.latency.observe(seconds)
+        if code == "OK":
+            self.ok_seconds += seconds
 
 
 class BackendStats:
     """What one backend's batcher did."""
 
-    __slots__ = ("batch_size", "call", "errors", "queue_wait", "retries")
+    __slots__ = ("batch_size", "by_size", "call", "errors", "last_call", "queue_wait", "retries")
 
     def __init__(self) -> None:
         self.batch_size = Histogram(BATCH_BOUNDS)
@@ -81,6 +84,20 @@ class BackendStats:
         self.call = Histogram(LATENCY_BOUNDS)
         self.errors: dict[str, int] = {}
         self.retries = 0
+        # Triton's statistics: rows -> [calls, seconds, requests in them]; bounded by
+        # max_batch_size. And when the last call ended (time.time()).
+        self.by_size: dict[int, list] = {}
+        self.last_call = 0.0
+
+    def called(self, rows: int, requests: int, seconds: float, now: float) -> None:
+        entry = self.by_size.get(rows)
+        if entry is None:
+            entry = self.by_size[rows] = [0, 0.0, 0]
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += requests
+        self.call.observe(seconds)
+        self.last_call = now
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

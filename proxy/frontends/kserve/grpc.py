@@ -14,9 +14,10 @@ from coalesce.codecs import wire
 from coalesce.codecs.kserve import encode
 from coalesce.core import access
 from coalesce.core.router import Router
-from coalesce.errors import CoalesceError, abort, grpc_status
+from coalesce.errors import CoalesceError, NotFound, abort, grpc_status
 from coalesce.version import __version__
 
+from . import triton_api
 from .calls import Call, prepare
 from .stream import StreamSession
 
@@ -63,12 +64,41 @@ class KServeService:
 
     @grpc_status
     async def ModelReady(self, request, context):
-        backend = self.router.get(request.name, request.version)
+        """False for a model this server does not route, as Triton answers."""
+        try:
+            backend = self.router.get(request.name, request.version)
+        except NotFound:
+            return wire.ModelReadyResponse(ready=False)
         return wire.ModelReadyResponse(ready=await backend.adapter.ready())
 
     @grpc_status
     async def ServerMetadata(self, request, context):
-        return wire.ServerMetadataResponse(name="coalesce", version=__version__, extensions=[])
+        return wire.ServerMetadataResponse(
+            name="coalesce", version=__version__, extensions=triton_api.EXTENSIONS
+        )
+
+    @grpc_status
+    async def ModelConfig(self, request, context):
+        config = triton_api.model_config(
+            self.router, request.name, request.version, access.GrpcCaller(context)
+        )
+        return wire.ModelConfigResponse(config=config)
+
+    @grpc_status
+    async def ModelStatistics(self, request, context):
+        caller = access.GrpcCaller(context)
+        return triton_api.statistics(self.router, request.name, request.version, caller)
+
+    @grpc_status
+    async def RepositoryIndex(self, request, context):
+        return triton_api.repository_index(self.router, request.ready)
+
+    @staticmethod
+    def _not_served(method: str):
+        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await abort(context, triton_api.not_served(method), method)
+
+        return answer
 
     @grpc_status
     async def ModelMetadata(self, request, context):
@@ -93,6 +123,9 @@ class KServeService:
             "ServerMetadata",
             "ModelMetadata",
             "ModelInfer",
+            "ModelConfig",
+            "ModelStatistics",
+            "RepositoryIndex",
         ):
             request = getattr(wire, f"{method}Request")
             response = getattr(wire, f"{method}Response")
@@ -102,6 +135,8 @@ class KServeService:
                 # ModelInfer answers are serialized by encode() already
                 response_serializer=None if method == "ModelInfer" else response.SerializeToString,
             )
+        for method in triton_api.NOT_SERVED:
+            methods[method] = grpc.unary_unary_rpc_method_handler(self._not_served(method))
         methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             self.ModelStreamInfer,
             request_deserializer=access.sized(wire.parser(wire.ModelInferRequest)),

@@ -24,6 +24,8 @@ from coalesce.errors import InvalidArgument
 from coalesce.telemetry.tracing import carrier_of
 from coalesce.version import __version__
 
+from . import triton_api
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -195,6 +197,24 @@ def _tensors(specs: tuple[TensorSpec, ...]) -> list[dict]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
+_NOT_SERVED = [
+    ("/v2/trace/setting", "TraceSetting"),
+    ("/v2/models/{name}/trace/setting", "TraceSetting"),
+    ("/v2/logging", "LogSettings"),
+    ("/v2/systemsharedmemory/status", "SystemSharedMemoryStatus"),
+    ("/v2/systemsharedmemory/region/{region}/status", "SystemSharedMemoryStatus"),
+    ("/v2/systemsharedmemory/region/{region}/register", "SystemSharedMemoryRegister"),
+    ("/v2/systemsharedmemory/unregister", "SystemSharedMemoryUnregister"),
+    ("/v2/systemsharedmemory/region/{region}/unregister", "SystemSharedMemoryUnregister"),
+    ("/v2/cudasharedmemory/status", "CudaSharedMemoryStatus"),
+    ("/v2/cudasharedmemory/region/{region}/status", "CudaSharedMemoryStatus"),
+    ("/v2/cudasharedmemory/region/{region}/register", "CudaSharedMemoryRegister"),
+    ("/v2/cudasharedmemory/unregister", "CudaSharedMemoryUnregister"),
+    ("/v2/cudasharedmemory/region/{region}/unregister", "CudaSharedMemoryUnregister"),
+]
+"""Triton's REST paths for the calls Coalesce does not serve (see triton_api.NOT_SERVED)."""
+
+
 class KServeREST:
     """/v2 endpoints over the router."""
 
@@ -209,7 +229,9 @@ class KServeREST:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "coalesce", "version": __version__, "extensions": []})
+        return web.json_response(
+            {"name": "coalesce", "version": __version__, "extensions": triton_api.EXTENSIONS}
+        )
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version", "")
@@ -225,6 +247,34 @@ class KServeREST:
                 "outputs": _tensors(info.outputs),
             }
         )
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        name, version = request.match_info["name"], request.match_info.get("version", "")
+        caller = access.HttpCaller(request)
+        config = triton_api.model_config(self.router, name, version, caller)
+        return web.json_response(triton_api.to_json(config))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        name, version = request.match_info.get("name", ""), request.match_info.get("version", "")
+        caller = access.HttpCaller(request)
+        answer = triton_api.statistics(self.router, name, version, caller)
+        return web.json_response(triton_api.to_json(answer))
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        document = parse(body) if body.strip() else {}
+        ready = document.get("ready", False) if isinstance(document, dict) else False
+        if not isinstance(ready, bool):
+            raise InvalidArgument("ready: must be true or false")
+        index = triton_api.repository_index(self.router, ready)
+        return web.json_response(triton_api.to_json(index).get("models", []))
+
+    @staticmethod
+    def _not_served(method: str):
+        async def answer(request: web.Request) -> web.Response:
+            raise triton_api.not_served(method)
+
+        return answer
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version", "")
@@ -242,7 +292,7 @@ class KServeREST:
         header, blobs = split_body(body, request.headers.get(HEADER_LENGTH))
         document = parse(header)
         decoded = decode(document, blobs)
-        decoded.metadata = metadata
+        decoded.metadata, decoded.route = metadata, name
         if self.router.tracer is not None:
             decoded.trace = carrier_of(request.headers.items())
         wanted = requested_outputs(document, backend.info(), name)
@@ -257,6 +307,18 @@ class KServeREST:
             web.get("/v2/health/live", self.live),
             web.get("/v2/health/ready", self.ready),
             web.get("/v2", self.server_metadata),
+            web.get("/v2/models/stats", self.statistics),  # before {name} takes "stats"
+            *(web.get(f"{path}/config", self.model_config) for path in (model, versioned)),
+            *(web.get(f"{path}/stats", self.statistics) for path in (model, versioned)),
+            web.post("/v2/repository/index", self.repository_index),
+            *(
+                web.post(f"/v2/repository/models/{{name}}/{verb}", self._not_served(method))
+                for verb, method in (
+                    ("load", "RepositoryModelLoad"),
+                    ("unload", "RepositoryModelUnload"),
+                )
+            ),
+            *(web.route("*", path, self._not_served(method)) for path, method in _NOT_SERVED),
             *(web.get(path, self.model_metadata) for path in (model, versioned)),
             *(web.get(f"{path}/ready", self.model_ready) for path in (model, versioned)),
             *(web.post(f"{path}/infer", self.infer) for path in (model, versioned)),

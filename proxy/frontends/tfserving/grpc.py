@@ -156,7 +156,7 @@ class TFServingService:
         left = context.time_remaining()
         deadline = None if left is None else self._time() + left
         decoded = decode(request.inputs, deadline)
-        decoded.metadata = metadata
+        decoded.metadata, decoded.route = metadata, spec.name
         if self.router.tracer is not None:
             decoded.trace = carrier_of(context.invocation_metadata() or ())
         outputs = await target.backend.infer(decoded)

@@ -204,7 +204,7 @@ class TFServingREST:
         target = resolve(self.router, model_spec(path, document.get("signature_name", "")))
         tensors, row_format = decode(document, target.backend.info(), path["name"])
         decoded = request_of(tensors, None)
-        decoded.metadata = metadata
+        decoded.metadata, decoded.route = metadata, path["name"]
         if self.router.tracer is not None:
             decoded.trace = carrier_of(request.headers.items())
         outputs = await target.backend.infer(decoded)
