@@ -1,11 +1,11 @@
 # `make test` is the one test command (README, CI): it installs what the tests need
 # (the package with its test extras; Debian's chromium for the dashboard test and
-# libnghttp2-dev for the load generator's tests; the tests fetch a real Triton server
-# themselves).
+# libnghttp2-dev for the load generator's tests; libb64-0d for perf_analyzer; the tests
+# fetch a real Triton server and perf_analyzer themselves).
 PYTHON ?= python3
 APT_GET := $(shell command -v apt-get 2>/dev/null)
 
-.PHONY: install test bench browser nghttp2
+.PHONY: install test bench browser nghttp2 libb64
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test,tracing]'
@@ -22,7 +22,15 @@ nghttp2:
 		apt-get update -qq && apt-get install -y -qq libnghttp2-dev >/dev/null; } || \
 		echo "note: no libnghttp2-dev; the load generator tests will be skipped"
 
-test: install browser nghttp2
+# perf_analyzer (from the tritonclient 2.51 wheel, see tests/support/perf_analyzer.py)
+# links Debian's libb64.
+libb64:
+	@[ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || [ -e /usr/lib/aarch64-linux-gnu/libb64.so.0d ] || \
+		{ [ -n "$(APT_GET)" ] && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; } || \
+		echo "note: no libb64-0d; the perf_analyzer tests will fail"
+
+test: install browser nghttp2 libb64
 	$(PYTHON) -m pytest -q
 
 bench: install nghttp2

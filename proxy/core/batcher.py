@@ -305,7 +305,9 @@ class Batcher:
         """
         try:
             outputs = await self._call_backend(slices)
-            parts = batching.split(outputs, [b - a for _, a, b in slices], self.name)
+            start, sizes = time.perf_counter(), [b - a for _, a, b in slices]
+            parts = batching.split(outputs, sizes, self.name)
+            self.stats.split(sum(sizes), time.perf_counter() - start)
         except Exception as exc:
             code = exc.code if isinstance(exc, CoalesceError) else grpc.StatusCode.INTERNAL
             if code in ISOLATE and len(slices) > 1:
@@ -319,11 +321,12 @@ class Batcher:
             self._deliver(slices, parts)
 
     async def _call_backend(self, slices: list[_Slice]) -> Tensors:
+        # durations by the clock, not loop.time(): uvloop's ticks in whole milliseconds
+        began = time.perf_counter()
         inputs = batching.merge([(p.request.inputs, a, b) for p, a, b in slices])
         timeout = self._timeout(slices)
         # the batch shares its forwarded metadata (the batching key); trace context: the first's
         metadata = slices[0][0].request.metadata
-        # durations by the clock, not loop.time(): uvloop's ticks in whole milliseconds
         stats, start = self.stats, time.perf_counter()
         rows = sum(b - a for _, a, b in slices)
         traced = self._trace(slices, self._loop.time()) if self.tracer is not None else None
@@ -347,7 +350,8 @@ class Batcher:
             error = exc
             raise
         finally:
-            stats.called(rows, len(slices), time.perf_counter() - start, time.time())
+            end = time.perf_counter()
+            stats.called(rows, len(slices), start - began, end - start, time.time())
             if sent is not None:
                 forwarding.done(sent)
             if traced is not None:

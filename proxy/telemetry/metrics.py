@@ -84,20 +84,29 @@ class BackendStats:
         self.call = Histogram(LATENCY_BOUNDS)
         self.errors: dict[str, int] = {}
         self.retries = 0
-        # Triton's statistics: rows -> [calls, seconds, requests in them]; bounded by
-        # max_batch_size. And when the last call ended (time.time()).
+        # Triton's statistics: rows -> [calls, requests in them, and the seconds spent
+        # merging inputs, calling, splitting outputs]; bounded by max_batch_size. And
+        # when the last call ended (time.time()).
         self.by_size: dict[int, list] = {}
         self.last_call = 0.0
 
-    def called(self, rows: int, requests: int, seconds: float, now: float) -> None:
+    def _sized(self, rows: int) -> list:
         entry = self.by_size.get(rows)
         if entry is None:
-            entry = self.by_size[rows] = [0, 0.0, 0]
+            entry = self.by_size[rows] = [0, 0, 0.0, 0.0, 0.0]
+        return entry
+
+    def called(self, rows: int, requests: int, merge: float, call: float, now: float) -> None:
+        entry = self._sized(rows)
         entry[0] += 1
-        entry[1] += seconds
-        entry[2] += requests
-        self.call.observe(seconds)
+        entry[1] += requests
+        entry[2] += merge
+        entry[3] += call
+        self.call.observe(call)
         self.last_call = now
+
+    def split(self, rows: int, seconds: float) -> None:
+        self._sized(rows)[4] += seconds
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

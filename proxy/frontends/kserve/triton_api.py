@@ -95,6 +95,9 @@ def _duration(target: Any, count: int, seconds: float) -> None:
     target.count, target.ns = count, int(seconds * 1e9)
 
 
+_PARTS = ("compute_input", "compute_infer", "compute_output")
+
+
 def _statistics(router: Router, name: str, version: str) -> Any:
     backend = router.get(name, version)
     route, batcher = backend.route_stats(name), backend.batcher.stats
@@ -110,12 +113,15 @@ def _statistics(router: Router, name: str, version: str) -> Any:
     # Queue and compute are the backend's batcher's, shared by the routes that use it;
     # a request sent at once, without queueing, waited 0 ns.
     calls = requests = 0
-    seconds = 0.0
-    for rows, (count, spent, held) in sorted(batcher.by_size.items()):
+    spent = [0.0, 0.0, 0.0]  # merging inputs, calling, splitting outputs; per request
+    for rows, (count, held, *seconds) in sorted(batcher.by_size.items()):
         batch = stats.batch_stats.add(batch_size=rows)
-        _duration(batch.compute_infer, count, spent)
-        calls, requests, seconds = calls + count, requests + held, seconds + spent * held / count
-    _duration(inference.compute_infer, requests, seconds)
+        for target, total in zip(_PARTS, seconds, strict=True):
+            _duration(getattr(batch, target), count, total)
+        calls, requests = calls + count, requests + held
+        spent = [s + total * held / count for s, total in zip(spent, seconds, strict=True)]
+    for target, total in zip(_PARTS, spent, strict=True):
+        _duration(getattr(inference, target), requests, total)
     _duration(inference.queue, requests, batcher.queue_wait.sum)
     stats.execution_count = calls
     stats.last_inference = int(batcher.last_call * 1000)
