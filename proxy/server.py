@@ -19,6 +19,7 @@ from aiohttp import web
 from coalesce.core.router import ReloadError, Router
 from coalesce.frontends import rest
 from coalesce.frontends.kserve.grpc import KServeService
+from coalesce.frontends.kserve.shared_memory import SharedMemory
 from coalesce.frontends.tfserving.grpc import TFServingService
 from coalesce.http2.grpc_server import NativeServer
 from coalesce.ops import admin, stats
@@ -87,6 +88,7 @@ class Server:
         self.config = config
         self._source = source
         self.router = Router(config)
+        self.shared_memory = SharedMemory()  # Triton's system shared memory, gRPC and REST
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -107,7 +109,8 @@ class Server:
         self.router.on_health_change = self._set_health
         await self.router.start()
         limit = int(self.config.max_message_mb * 1024 * 1024)
-        handlers = [KServeService(self.router).handler(), *TFServingService(self.router).handlers()]
+        kserve = KServeService(self.router, self.shared_memory)
+        handlers = [kserve.handler(), *TFServingService(self.router).handlers()]
         reuse = self.config.workers > 1
         self._native = NativeServer(
             [*handlers, *_generic_handlers(self.health)], limit, self.config.http2
@@ -152,6 +155,7 @@ class Server:
             self._http, self.http_port = await rest.start(
                 self.router,
                 self.config.http,
+                shared=self.shared_memory,
                 max_body_bytes=limit,
                 grace=self.config.grace_period_s,
                 reuse_port=self.config.workers > 1,
@@ -223,6 +227,7 @@ class Server:
         if self._publisher is not None:
             self._publisher.cancel()
         await self.router.close()
+        self.shared_memory.close()
         if self._admin is not None:
             await self._admin.cleanup()
         log.info("stopped")

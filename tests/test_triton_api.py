@@ -183,7 +183,12 @@ def test_an_unknown_model_is_not_ready_as_on_triton(client, triton):
 
 def test_server_metadata_lists_the_extensions_served(client):
     extensions = set(client.inner.get_server_metadata(**client._kw())["extensions"])
-    assert extensions == {"binary_tensor_data", "model_configuration", "statistics"}
+    assert extensions == {
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+        "system_shared_memory",
+    }
 
 
 @pytest.mark.parametrize(

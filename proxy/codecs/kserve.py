@@ -6,32 +6,69 @@ views of the request bytes; answers are encoded by hand (see protowire).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from coalesce.core.request import InferRequest, ModelInfo, Tensors
 from coalesce.core.tensors import CONTENTS_FIELD, check_shape, from_contents, from_raw, to_raw
 from coalesce.errors import InvalidArgument
 
-from . import protowire
+from . import protowire, wire
+
+Placement = tuple[str, int, int]
+"""(shared memory region, offset, byte size) of a tensor that travels in shared memory."""
+Shared = Callable[[str, int, int, str], bytes]
+"""Reads (region, offset, size) for a tensor (see coalesce.frontends.kserve.shared_memory)."""
 
 
-def decode(request, deadline: float | None) -> InferRequest:
-    """A ModelInferRequest as named arrays; every problem names the tensor."""
+def _int(params, key: str, name: str, kind: str, default: int | None = None) -> int:
+    if key not in params:
+        if default is None:
+            raise InvalidArgument(f"{kind} '{name}': shared memory needs parameters.{key}")
+        return default
+    return params[key].int64_param
+
+
+def placement(params, name: str, kind: str = "tensor") -> Placement | None:
+    """Where a tensor's bytes are in shared memory (its InferParameter map), or None."""
+    if not params or "shared_memory_region" not in params:
+        return None
+    region = params["shared_memory_region"].string_param
+    size = _int(params, "shared_memory_byte_size", name, kind)
+    return region, _int(params, "shared_memory_offset", name, kind, 0), size
+
+
+def decode(request, deadline: float | None, shared: Shared | None = None) -> InferRequest:
+    """A ModelInferRequest as named arrays; every problem names the tensor.
+
+    Inputs in shared memory are read (copied) through `shared` and have no entry in
+    raw_input_contents, as with Triton."""
     raw = request.raw_input_contents
     if not request.inputs:
         raise InvalidArgument("inputs: the request has no input tensors")
-    if raw and len(raw) != len(request.inputs):
+    placed = [placement(t.parameters, t.name) for t in request.inputs]
+    if raw and len(raw) != len(placed) - sum(p is not None for p in placed):
         raise InvalidArgument(
             f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs"
         )
     tensors: Tensors = {}
-    for i, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor, place in zip(request.inputs, placed, strict=True):
         name = tensor.name
         if name in tensors:
             raise InvalidArgument(f"tensor '{name}': sent twice")
         shape = check_shape(tensor.shape, name)
-        if raw:
+        if place is not None:
+            if shared is None:
+                raise InvalidArgument(f"tensor '{name}': shared memory is not served here")
+            region, offset, size = place
+            tensors[name] = from_raw(
+                shared(region, offset, size, name), tensor.datatype, shape, name
+            )
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(f"tensor '{name}': both contents and raw_input_contents")
-            tensors[name] = from_raw(raw[i], tensor.datatype, shape, name)
+            tensors[name] = from_raw(raw[next_raw], tensor.datatype, shape, name)
+            next_raw += 1
         else:
             field = CONTENTS_FIELD.get(tensor.datatype)
             values = getattr(tensor.contents, field) if field else ()
@@ -58,8 +95,22 @@ def requested_outputs(request, info: ModelInfo) -> list[str]:
     return names
 
 
-def encode(request, version: str, outputs: Tensors, names: list[str]) -> bytes:
-    """A serialized ModelInferResponse (see protowire: no upb objects on the hot path)."""
+Write = Callable[[str, int, int, bytes, str], None]
+"""Writes an output's bytes into (region, offset, size)."""
+
+
+def encode(
+    request,
+    version: str,
+    outputs: Tensors,
+    names: list[str],
+    placed: dict[str, Placement] | None = None,
+    write: Write | None = None,
+) -> bytes:
+    """A serialized ModelInferResponse (see protowire: no upb objects on the hot path).
+
+    An output `placed` in shared memory is written there by `write`; the answer names
+    its region and size, with an empty raw entry so the others keep their index."""
     head = [protowire.strings((1, request.model_name), (2, version))]
     if request.id:
         head.append(protowire.delimited(3, request.id.encode()))
@@ -69,6 +120,34 @@ def encode(request, version: str, outputs: Tensors, names: list[str]) -> bytes:
         if array is None:
             raise InvalidArgument(f"outputs: model '{request.model_name}' has no output '{name}'")
         datatype, raw = to_raw(array, name)
+        place = placed.get(name) if placed else None
+        if place is not None and write is not None:
+            region, offset, size = place
+            write(region, offset, size, raw, name)
+            head.append(
+                protowire.delimited(5, _placed_tensor(name, datatype, array.shape, place, raw))
+            )
+            raws.append(protowire.prefix(6, 0))
+            continue
         head.append(protowire.output_tensor(5, name, datatype, array.shape))
         raws += (protowire.prefix(6, len(raw)), raw)
     return b"".join(head + raws)
+
+
+def _placed_tensor(name: str, datatype: str, shape, place: Placement, raw: bytes) -> bytes:
+    tensor = wire.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=shape)
+    tensor.parameters["shared_memory_region"].string_param = place[0]
+    tensor.parameters["shared_memory_byte_size"].int64_param = len(raw)
+    if place[1]:
+        tensor.parameters["shared_memory_offset"].int64_param = place[1]
+    return tensor.SerializeToString()
+
+
+def output_placements(request) -> dict[str, Placement]:
+    """The requested outputs that go into shared memory."""
+    found = {}
+    for output in request.outputs:
+        place = placement(output.parameters, output.name, "output")
+        if place is not None:
+            found[output.name] = place
+    return found

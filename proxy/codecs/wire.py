@@ -65,6 +65,12 @@ ModelStatisticsRequest = message("inference.ModelStatisticsRequest")
 ModelStatisticsResponse = message("inference.ModelStatisticsResponse")
 RepositoryIndexRequest = message("inference.RepositoryIndexRequest")
 RepositoryIndexResponse = message("inference.RepositoryIndexResponse")
+ShmStatusRequest = message("inference.SystemSharedMemoryStatusRequest")
+ShmStatusResponse = message("inference.SystemSharedMemoryStatusResponse")
+ShmRegisterRequest = message("inference.SystemSharedMemoryRegisterRequest")
+ShmRegisterResponse = message("inference.SystemSharedMemoryRegisterResponse")
+ShmUnregisterRequest = message("inference.SystemSharedMemoryUnregisterRequest")
+ShmUnregisterResponse = message("inference.SystemSharedMemoryUnregisterResponse")
 
 BATCH = "coalesce.batch.v1.BatchInference"
 BatchRequest = message("coalesce.batch.v1.BatchRequest")

@@ -18,6 +18,7 @@ from coalesce.codecs.json_tensors import dumps
 from coalesce.core.router import Router
 from coalesce.errors import CoalesceError, http_status
 from coalesce.frontends.kserve.rest import KServeREST
+from coalesce.frontends.kserve.shared_memory import SharedMemory
 from coalesce.frontends.tfserving.rest import TFServingREST
 
 log = logging.getLogger("coalesce")
@@ -47,9 +48,11 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(500, f"{type(exc).__name__}: {exc}")
 
 
-def make_app(router: Router, max_body_bytes: int) -> web.Application:
+def make_app(
+    router: Router, max_body_bytes: int, shared: SharedMemory | None = None
+) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=max_body_bytes)
-    app.add_routes(KServeREST(router).routes())
+    app.add_routes(KServeREST(router, shared).routes())
     app.add_routes(TFServingREST(router).routes())
     return app
 
@@ -58,6 +61,7 @@ async def start(
     router: Router,
     address: str,
     *,
+    shared: SharedMemory | None = None,
     max_body_bytes: int,
     grace: float,
     reuse_port: bool = False,
@@ -67,7 +71,7 @@ async def start(
 
     `runner.cleanup()` closes the listener, then gives running handlers `grace` s."""
     host, _, port = address.rpartition(":")
-    app = make_app(router, max_body_bytes)
+    app = make_app(router, max_body_bytes, shared)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(

@@ -37,7 +37,7 @@ def _cudart() -> Path | None:
         import nvidia.cuda_runtime  # the nvidia-cuda-runtime-cu12 wheel
     except ImportError:
         return None
-    return Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
+    return Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
 
 
 def ensure() -> Path:

@@ -7,11 +7,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import grpc
-from coalesce.codecs.kserve import decode, requested_outputs
+from coalesce.codecs.kserve import Placement, decode, encode, output_placements, requested_outputs
 from coalesce.core import access
-from coalesce.core.request import InferRequest
+from coalesce.core.request import InferRequest, Tensors
 from coalesce.core.router import Backend, Router
+from coalesce.errors import InvalidArgument
 from coalesce.telemetry.tracing import carrier_of
+
+from .shared_memory import SharedMemory
 
 
 class Call(NamedTuple):
@@ -21,10 +24,23 @@ class Call(NamedTuple):
     request: InferRequest
     names: list[str]  # requested outputs; empty for all
     version: str
+    placed: dict[str, Placement] | None  # outputs that go into shared memory
+    shared: SharedMemory | None
+
+    def answer(self, message, outputs: Tensors) -> bytes:
+        """The serialized ModelInferResponse to `message`."""
+        if not self.placed:
+            return encode(message, self.version, outputs, self.names)
+        write = self.shared.write  # type: ignore[union-attr]
+        return encode(message, self.version, outputs, self.names, self.placed, write)
 
 
 def prepare(
-    router: Router, request, context: grpc.aio.ServicerContext, now: Callable[[], float]
+    router: Router,
+    request,
+    context: grpc.aio.ServicerContext,
+    now: Callable[[], float],
+    shared: SharedMemory | None = None,
 ) -> Call:
     """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
     backend = router.get(request.model_name, request.model_version)
@@ -38,8 +54,11 @@ def prepare(
     left = context.time_remaining()
     deadline = None if left is None else now() + left
     version = request.model_version or info.versions[0]
-    decoded = decode(request, deadline)
+    decoded = decode(request, deadline, shared.read if shared is not None else None)
     decoded.metadata = metadata
     if router.tracer is not None:
         decoded.trace = carrier_of(context.invocation_metadata() or ())
-    return Call(backend, decoded, names, version)
+    placed = output_placements(request) if request.outputs else None
+    if placed and shared is None:
+        raise InvalidArgument("outputs: shared memory is not served here")
+    return Call(backend, decoded, names, version, placed, shared)

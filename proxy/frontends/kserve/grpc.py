@@ -11,7 +11,6 @@ import asyncio
 
 import grpc
 from coalesce.codecs import wire
-from coalesce.codecs.kserve import encode
 from coalesce.core import access
 from coalesce.core.router import Router
 from coalesce.errors import CoalesceError, NotFound, abort, grpc_status
@@ -19,6 +18,7 @@ from coalesce.version import __version__
 
 from . import triton_api
 from .calls import Call, prepare
+from .shared_memory import SharedMemory
 from .stream import StreamSession
 
 
@@ -30,22 +30,23 @@ def _tensor_metadata(specs):
 class KServeService:
     """inference.GRPCInferenceService over the router."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, shared: SharedMemory | None = None) -> None:
         self.router = router
+        self.shared = shared
         self._time = asyncio.get_running_loop().time
 
     def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
         """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
-        return prepare(self.router, request, context, self._time)
+        return prepare(self.router, request, context, self._time, self.shared)
 
     async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
         # grpc_status's wrapping inlined: this is the hottest coroutine of all
         try:
             if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
                 raise request
-            call = prepare(self.router, request, context, self._time)
+            call = prepare(self.router, request, context, self._time, self.shared)
             outputs = await call.backend.infer(call.request)
-            return encode(request, call.version, outputs, call.names)
+            return call.answer(request, outputs)
         except Exception as exc:
             await abort(context, exc, "ModelInfer")
             raise AssertionError("unreachable: abort() raises") from exc
@@ -93,6 +94,31 @@ class KServeService:
     async def RepositoryIndex(self, request, context):
         return triton_api.repository_index(self.router, request.ready)
 
+    def _shared(self, method: str) -> SharedMemory:
+        if self.shared is None:
+            raise triton_api.not_served(method)
+        return self.shared
+
+    @grpc_status
+    async def SystemSharedMemoryRegister(self, request, context):
+        shared = self._shared("SystemSharedMemoryRegister")
+        shared.register(request.name, request.key, request.offset, request.byte_size)
+        return wire.ShmRegisterResponse()
+
+    @grpc_status
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self._shared("SystemSharedMemoryUnregister").unregister(request.name)
+        return wire.ShmUnregisterResponse()
+
+    @grpc_status
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = wire.ShmStatusResponse()
+        for region in self._shared("SystemSharedMemoryStatus").status(request.name):
+            entry = response.regions[region.name]
+            entry.name, entry.key = region.name, region.key
+            entry.offset, entry.byte_size = region.offset, region.byte_size
+        return response
+
     @staticmethod
     def _not_served(method: str):
         async def answer(request: bytes, context: grpc.aio.ServicerContext) -> None:
@@ -126,9 +152,13 @@ class KServeService:
             "ModelConfig",
             "ModelStatistics",
             "RepositoryIndex",
+            "SystemSharedMemoryRegister",
+            "SystemSharedMemoryUnregister",
+            "SystemSharedMemoryStatus",
         ):
-            request = getattr(wire, f"{method}Request")
-            response = getattr(wire, f"{method}Response")
+            message = method.replace("SystemSharedMemory", "Shm")
+            request = getattr(wire, f"{message}Request")
+            response = getattr(wire, f"{message}Response")
             methods[method] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method),
                 request_deserializer=access.sized(wire.parser(request)),

@@ -25,6 +25,7 @@ from coalesce.telemetry.tracing import carrier_of
 from coalesce.version import __version__
 
 from . import triton_api
+from .shared_memory import SharedMemory
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -61,7 +62,26 @@ def _parameters(obj: dict, where: str) -> dict:
     return parameters
 
 
-def _input(spec: Any, blobs: memoryview, offset: int) -> tuple[str, Any, int]:
+def _placement(parameters: dict, where: str) -> tuple[str, int, int] | None:
+    """(region, offset, byte size) of a tensor in shared memory, from its parameters."""
+    region = parameters.get("shared_memory_region")
+    if region is None:
+        return None
+    size, offset = (
+        parameters.get("shared_memory_byte_size"),
+        parameters.get("shared_memory_offset", 0),
+    )
+    if not isinstance(region, str):
+        raise InvalidArgument(f"{where}: shared_memory_region must be a string")
+    for key, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"{where}: {key} must be a non-negative integer")
+    return region, offset, size
+
+
+def _input(
+    spec: Any, blobs: memoryview, offset: int, shared: SharedMemory | None
+) -> tuple[str, Any, int]:
     """One entry of `inputs`: (name, array, offset after its binary data)."""
     if not isinstance(spec, dict):
         raise InvalidArgument("inputs: every entry must be an object")
@@ -73,8 +93,12 @@ def _input(spec: Any, blobs: memoryview, offset: int) -> tuple[str, Any, int]:
         raise InvalidArgument(f"{where}: shape {shape_list} must hold integers")
     shape = check_shape(shape_list, name)
     parameters = _parameters(spec, where)
-    if "shared_memory_region" in parameters:
-        raise InvalidArgument(f"{where}: shared memory is not supported by Coalesce")
+    place = _placement(parameters, where)
+    if place is not None:
+        if shared is None:
+            raise InvalidArgument(f"{where}: shared memory is not served here")
+        data = shared.read(*place, name)
+        return name, from_raw(data, datatype, shape, name), offset
     size = parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -94,7 +118,7 @@ def _input(spec: Any, blobs: memoryview, offset: int) -> tuple[str, Any, int]:
     return name, array.reshape(shape), offset
 
 
-def decode(document: Any, blobs: memoryview) -> InferRequest:
+def decode(document: Any, blobs: memoryview, shared: SharedMemory | None = None) -> InferRequest:
     """An inference request body as named arrays; every problem names the field."""
     if not isinstance(document, dict):
         raise InvalidArgument("request body must be a JSON object")
@@ -108,7 +132,7 @@ def decode(document: Any, blobs: memoryview) -> InferRequest:
     tensors: Tensors = {}
     offset = 0
     for entry in entries:
-        name, array, offset = _input(entry, blobs, offset)
+        name, array, offset = _input(entry, blobs, offset, shared)
         if name in tensors:
             raise InvalidArgument(f"tensor '{name}': sent twice")
         tensors[name] = array
@@ -119,15 +143,19 @@ def decode(document: Any, blobs: memoryview) -> InferRequest:
     return request_of(tensors, deadline, request_id)
 
 
-def requested_outputs(document: dict, info: ModelInfo, model: str) -> tuple[dict[str, bool], bool]:
-    """(output name -> whether it goes back as binary data, the default for the others);
-    no names means every output."""
+Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]]]
+
+
+def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
+    """(output name -> whether it goes back as binary data, the default for the others,
+    the outputs that go into shared memory); no names means every output."""
     entries = document.get("outputs", [])
     if not isinstance(entries, list):
         raise InvalidArgument("outputs: must be a list")
     default = _parameters(document, "request").get("binary_data_output", False)
     known = {spec.name for spec in info.outputs}
     wanted: dict[str, bool] = {}
+    placed: dict[str, tuple[str, int, int]] = {}
     for entry in entries:
         if not isinstance(entry, dict):
             raise InvalidArgument("outputs: every entry must be an object")
@@ -141,7 +169,10 @@ def requested_outputs(document: dict, info: ModelInfo, model: str) -> tuple[dict
         if parameters.get("classification"):
             raise InvalidArgument(f"output '{name}': classification is not supported by Coalesce")
         wanted[name] = bool(parameters.get("binary_data", default))
-    return wanted, bool(default)
+        place = _placement(parameters, f"output '{name}'")
+        if place is not None:
+            placed[name] = place
+    return wanted, bool(default), placed
 
 
 def encode(
@@ -149,19 +180,30 @@ def encode(
     version: str,
     request_id: str,
     outputs: Tensors,
-    wanted: tuple[dict[str, bool], bool],
+    wanted: Wanted,
+    shared: SharedMemory | None = None,
 ) -> web.Response:
     header: dict[str, Any] = {"model_name": model, "model_version": version}
     if request_id:
         header["id"] = request_id
     entries, blobs = [], []
-    binary, default = wanted
+    binary, default, placed = wanted
+    if placed and shared is None:
+        raise InvalidArgument("outputs: shared memory is not served here")
     for name in binary or outputs:
         array = outputs.get(name)
         if array is None:
             raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
         shape = list(array.shape)
-        if binary.get(name, default):
+        if name in placed:
+            datatype, raw = to_raw(array, name)
+            shared.write(*placed[name], raw, name)  # type: ignore[union-attr]
+            region = placed[name][0]
+            parameters = {"shared_memory_region": region, "shared_memory_byte_size": len(raw)}
+            entries.append(
+                {"name": name, "datatype": datatype, "shape": shape, "parameters": parameters}
+            )
+        elif binary.get(name, default):
             datatype, raw = to_raw(array, name)
             parameters = {"binary_data_size": len(raw)}
             entries.append(
@@ -201,11 +243,6 @@ _NOT_SERVED = [
     ("/v2/trace/setting", "TraceSetting"),
     ("/v2/models/{name}/trace/setting", "TraceSetting"),
     ("/v2/logging", "LogSettings"),
-    ("/v2/systemsharedmemory/status", "SystemSharedMemoryStatus"),
-    ("/v2/systemsharedmemory/region/{region}/status", "SystemSharedMemoryStatus"),
-    ("/v2/systemsharedmemory/region/{region}/register", "SystemSharedMemoryRegister"),
-    ("/v2/systemsharedmemory/unregister", "SystemSharedMemoryUnregister"),
-    ("/v2/systemsharedmemory/region/{region}/unregister", "SystemSharedMemoryUnregister"),
     ("/v2/cudasharedmemory/status", "CudaSharedMemoryStatus"),
     ("/v2/cudasharedmemory/region/{region}/status", "CudaSharedMemoryStatus"),
     ("/v2/cudasharedmemory/region/{region}/register", "CudaSharedMemoryRegister"),
@@ -218,8 +255,9 @@ _NOT_SERVED = [
 class KServeREST:
     """/v2 endpoints over the router."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, shared: SharedMemory | None = None) -> None:
         self.router = router
+        self.shared = shared
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -269,6 +307,36 @@ class KServeREST:
         index = triton_api.repository_index(self.router, ready)
         return web.json_response(triton_api.to_json(index).get("models", []))
 
+    def _registry(self) -> SharedMemory:
+        if self.shared is None:
+            raise triton_api.not_served("SystemSharedMemoryStatus")
+        return self.shared
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        document = parse(await request.read())
+        if not isinstance(document, dict):
+            raise InvalidArgument("request body must be a JSON object")
+        key = _field(document, "key", str, "register")
+        offset, size = document.get("offset", 0), document.get("byte_size")
+        for field, value in (("offset", offset), ("byte_size", size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgument(f"register: '{field}' must be an integer")
+        self._registry().register(request.match_info["region"], key, offset, size)
+        return web.Response()
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        self._registry().unregister(request.match_info.get("region", ""))
+        return web.Response()
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        regions = self._registry().status(request.match_info.get("region", ""))
+        return web.json_response(
+            [
+                {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                for r in regions
+            ]
+        )
+
     @staticmethod
     def _not_served(method: str):
         async def answer(request: web.Request) -> web.Response:
@@ -291,18 +359,19 @@ class KServeREST:
         access.check_size(route, len(body))  # a chunked body has no Content-Length
         header, blobs = split_body(body, request.headers.get(HEADER_LENGTH))
         document = parse(header)
-        decoded = decode(document, blobs)
+        decoded = decode(document, blobs, self.shared)
         decoded.metadata, decoded.route = metadata, name
         if self.router.tracer is not None:
             decoded.trace = carrier_of(request.headers.items())
         wanted = requested_outputs(document, backend.info(), name)
         outputs = await backend.infer(decoded)
         version = version or backend.info().versions[0]
-        return encode(name, version, decoded.id, outputs, wanted)
+        return encode(name, version, decoded.id, outputs, wanted, self.shared)
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{name}"
         versioned = "/v2/models/{name}/versions/{version}"
+        shm = "/v2/systemsharedmemory/region/{region}"
         return [
             web.get("/v2/health/live", self.live),
             web.get("/v2/health/ready", self.ready),
@@ -311,6 +380,11 @@ class KServeREST:
             *(web.get(f"{path}/config", self.model_config) for path in (model, versioned)),
             *(web.get(f"{path}/stats", self.statistics) for path in (model, versioned)),
             web.post("/v2/repository/index", self.repository_index),
+            web.get("/v2/systemsharedmemory/status", self.shm_status),
+            web.get(f"{shm}/status", self.shm_status),
+            web.post(f"{shm}/register", self.shm_register),
+            web.post(f"{shm}/unregister", self.shm_unregister),
+            web.post("/v2/systemsharedmemory/unregister", self.shm_unregister),
             *(
                 web.post(f"/v2/repository/models/{{name}}/{verb}", self._not_served(method))
                 for verb, method in (

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from coalesce.codecs import protowire, wire
-from coalesce.codecs.kserve import encode
 from coalesce.core.router import Router
 from coalesce.errors import CoalesceError, Internal
 
@@ -114,7 +113,7 @@ class StreamSession:
     def _answer(self, request, call: Call, future: asyncio.Future) -> bytes:
         try:
             outputs = future.result()
-            return stream_answer(encode(request, call.version, outputs, call.names))
+            return stream_answer(call.answer(request, outputs))
         except asyncio.CancelledError:
             return stream_error(request, "cancelled")
         except CoalesceError as exc:

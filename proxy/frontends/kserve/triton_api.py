@@ -18,7 +18,7 @@ from coalesce.errors import Unimplemented
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
 """What ServerMetadata lists: exactly the extensions of Triton's protocol Coalesce serves."""
 
 _RELOAD = "edit the config and reload it (SIGHUP, or POST /admin/reload on the admin port)"
@@ -33,9 +33,6 @@ NOT_SERVED = {
     "CudaSharedMemoryStatus": "CUDA shared memory is not supported by Coalesce",
     "CudaSharedMemoryRegister": "CUDA shared memory is not supported by Coalesce",
     "CudaSharedMemoryUnregister": "CUDA shared memory is not supported by Coalesce",
-    "SystemSharedMemoryStatus": "system shared memory is not supported by Coalesce yet",
-    "SystemSharedMemoryRegister": "system shared memory is not supported by Coalesce yet",
-    "SystemSharedMemoryUnregister": "system shared memory is not supported by Coalesce yet",
 }
 """Triton methods Coalesce does not serve, each with what to do instead."""
 
