@@ -185,6 +185,7 @@ def test_server_metadata_lists_the_extensions_served(client):
     extensions = set(client.inner.get_server_metadata(**client._kw())["extensions"])
     assert extensions == {
         "binary_tensor_data",
+        "classification",
         "model_configuration",
         "statistics",
         "system_shared_memory",

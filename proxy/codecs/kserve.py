@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from coalesce.core.request import InferRequest, ModelInfo, Tensors
 from coalesce.core.tensors import CONTENTS_FIELD, check_shape, from_contents, from_raw, to_raw
 from coalesce.errors import InvalidArgument
@@ -151,3 +152,38 @@ def output_placements(request) -> dict[str, Placement]:
         if place is not None:
             found[output.name] = place
     return found
+
+
+def requested_classes(request) -> dict[str, int]:
+    """Outputs asked for as classifications (`classification`: how many classes)."""
+    found = {}
+    for output in request.outputs:
+        params = output.parameters
+        if params and "classification" in params:
+            found[output.name] = class_count(params["classification"].int64_param, output.name)
+    return found
+
+
+def class_count(value, output: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"output '{output}': classification must be a positive integer")
+    return value
+
+
+def classify(array: np.ndarray, count: int, output: str) -> np.ndarray:
+    """Triton's classification extension: per row, the `count` largest values of the
+    output (flattened, largest first, ties to the lower index) as BYTES b"value:index",
+    values written as C's %f for floating point. Labels are not added."""
+    if array.dtype == object or array.ndim == 0:
+        raise InvalidArgument(f"output '{output}': classification needs a numeric output")
+    rows = array.reshape(len(array), -1)
+    count = min(count, rows.shape[1])
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
+    floating = np.issubdtype(array.dtype, np.floating)
+    result = np.empty((len(rows), count), dtype=object)
+    for r, (row, picked) in enumerate(zip(rows, order, strict=True)):
+        for c, index in enumerate(picked):
+            value = row[index]
+            text = f"{float(value):f}" if floating else str(int(value))
+            result[r, c] = f"{text}:{index}".encode()
+    return result

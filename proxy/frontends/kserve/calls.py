@@ -7,7 +7,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import grpc
-from coalesce.codecs.kserve import Placement, decode, encode, output_placements, requested_outputs
+from coalesce.codecs.kserve import (
+    Placement,
+    classify,
+    decode,
+    encode,
+    output_placements,
+    requested_classes,
+    requested_outputs,
+)
 from coalesce.core import access
 from coalesce.core.request import InferRequest, Tensors
 from coalesce.core.router import Backend, Router
@@ -26,9 +34,15 @@ class Call(NamedTuple):
     version: str
     placed: dict[str, Placement] | None  # outputs that go into shared memory
     shared: SharedMemory | None
+    classes: dict[str, int] | None  # outputs asked for as classifications
 
     def answer(self, message, outputs: Tensors) -> bytes:
         """The serialized ModelInferResponse to `message`."""
+        if self.classes:
+            outputs = dict(outputs)
+            for name, count in self.classes.items():
+                if name in outputs:
+                    outputs[name] = classify(outputs[name], count, name)
         if not self.placed:
             return encode(message, self.version, outputs, self.names)
         write = self.shared.write  # type: ignore[union-attr]
@@ -58,7 +72,9 @@ def prepare(
     decoded.metadata = metadata
     if router.tracer is not None:
         decoded.trace = carrier_of(context.invocation_metadata() or ())
-    placed = output_placements(request) if request.outputs else None
-    if placed and shared is None:
-        raise InvalidArgument("outputs: shared memory is not served here")
-    return Call(backend, decoded, names, version, placed, shared)
+    placed = classes = None
+    if request.outputs:
+        placed, classes = output_placements(request), requested_classes(request)
+        if placed and shared is None:
+            raise InvalidArgument("outputs: shared memory is not served here")
+    return Call(backend, decoded, names, version, placed, shared, classes)

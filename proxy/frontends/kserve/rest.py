@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 from coalesce.codecs.json_tensors import dumps, parse, to_array, to_json
+from coalesce.codecs.kserve import class_count, classify
 from coalesce.core import access
 from coalesce.core.request import InferRequest, ModelInfo, Tensors, TensorSpec
 from coalesce.core.router import Router
@@ -143,12 +144,13 @@ def decode(document: Any, blobs: memoryview, shared: SharedMemory | None = None)
     return request_of(tensors, deadline, request_id)
 
 
-Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]]]
+Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]], dict[str, int]]
 
 
 def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
     """(output name -> whether it goes back as binary data, the default for the others,
-    the outputs that go into shared memory); no names means every output."""
+    the outputs that go into shared memory, those asked for as classifications: how
+    many classes); no names means every output."""
     entries = document.get("outputs", [])
     if not isinstance(entries, list):
         raise InvalidArgument("outputs: must be a list")
@@ -156,6 +158,7 @@ def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
     known = {spec.name for spec in info.outputs}
     wanted: dict[str, bool] = {}
     placed: dict[str, tuple[str, int, int]] = {}
+    classes: dict[str, int] = {}
     for entry in entries:
         if not isinstance(entry, dict):
             raise InvalidArgument("outputs: every entry must be an object")
@@ -166,13 +169,13 @@ def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
                 f"(it has {', '.join(sorted(known))})"
             )
         parameters = _parameters(entry, f"output '{name}'")
-        if parameters.get("classification"):
-            raise InvalidArgument(f"output '{name}': classification is not supported by Coalesce")
+        if "classification" in parameters:
+            classes[name] = class_count(parameters["classification"], name)
         wanted[name] = bool(parameters.get("binary_data", default))
         place = _placement(parameters, f"output '{name}'")
         if place is not None:
             placed[name] = place
-    return wanted, bool(default), placed
+    return wanted, bool(default), placed, classes
 
 
 def encode(
@@ -187,13 +190,15 @@ def encode(
     if request_id:
         header["id"] = request_id
     entries, blobs = [], []
-    binary, default, placed = wanted
+    binary, default, placed, classes = wanted
     if placed and shared is None:
         raise InvalidArgument("outputs: shared memory is not served here")
     for name in binary or outputs:
         array = outputs.get(name)
         if array is None:
             raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
+        if name in classes:
+            array = classify(array, classes[name], name)
         shape = list(array.shape)
         if name in placed:
             datatype, raw = to_raw(array, name)

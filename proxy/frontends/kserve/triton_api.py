@@ -18,7 +18,13 @@ from coalesce.errors import Unimplemented
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "system_shared_memory"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "statistics",
+    "system_shared_memory",
+]
 """What ServerMetadata lists: exactly the extensions of Triton's protocol Coalesce serves."""
 
 _RELOAD = "edit the config and reload it (SIGHUP, or POST /admin/reload on the admin port)"
