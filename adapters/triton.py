@@ -35,8 +35,29 @@ def _specs(tensors: Any) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors)
 
 
+class _InOrder:
+    """One lock per sequence id, held while its request is at Triton: requests of one
+    sequence reach the model in the order the batcher sent them (asyncio's locks are
+    FIFO), even with several batches in flight. Entries go when unused."""
+
+    def __init__(self) -> None:
+        self._locks: dict[object, list] = {}  # id -> [lock, users]
+
+    async def run(self, sequence: object, call):
+        entry = self._locks.setdefault(sequence, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await call
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[sequence]
+
+
 class TritonAdapter:
     keeps_timeout = True  # the call's gRPC deadline (see coalesce.core.adapter)
+    takes_parameters = True  # request parameters, sequences included (coalesce.core.router)
 
     def __init__(self, name: str, config: TritonBackend) -> None:
         self.name = name
@@ -46,6 +67,7 @@ class TritonAdapter:
         self._limit: int | None = None
         self._loaded = False
         self._config: bytes | None = None
+        self._in_order = _InOrder()
         self.retry_counter: Any = None
 
     async def load(self) -> None:
@@ -96,18 +118,34 @@ class TritonAdapter:
             raise Unavailable(
                 f"backend '{self.name}': Triton at {self.config.address} is not ready"
             )
+        parameters = forwarding.parameters()
+        sequence = next((v for n, _, v in parameters if n == "sequence_id"), None)
+        if sequence is not None:
+            call = self._rows(inputs, timeout, parameters, ordered=True)
+            return await self._in_order.run(sequence, call)
+        return await self._rows(inputs, timeout, parameters)
+
+    async def _rows(
+        self, inputs: Tensors, timeout: float | None, parameters, ordered: bool = False
+    ) -> Tensors:
         if self._limit:
-            return await self._call(inputs, timeout)
+            return await self._call(inputs, timeout, parameters)
         rows = len(next(iter(inputs.values())))
+        if ordered:  # a sequence's rows one after the other, the others' at once
+            answers = [
+                await self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout, parameters)
+                for i in range(rows)
+            ]
+            return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
         answers = await asyncio.gather(
             *(
-                self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout)
+                self._call({k: v[i : i + 1] for k, v in inputs.items()}, timeout, parameters)
                 for i in range(rows)
             )
         )
         return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
 
-    async def _call(self, inputs: Tensors, timeout: float | None) -> Tensors:
+    async def _call(self, inputs: Tensors, timeout: float | None, parameters=()) -> Tensors:
         """One ModelInfer on tritonclient's own stub, with raw contents built directly.
 
         tritonclient's `infer()` wraps every tensor in InferInput/InferResult objects;
@@ -127,6 +165,8 @@ class TritonAdapter:
             tensor.name, tensor.datatype = name, datatype
             tensor.shape.extend(array.shape)
             request.raw_input_contents.append(raw)
+        for name, kind, value in parameters:
+            setattr(request.parameters[name], kind, value)
         try:
             answer = await self._caller.unary(  # type: ignore[union-attr]
                 _SERVICE + "ModelInfer",

@@ -80,7 +80,21 @@ def decode(request, deadline: float | None, shared: Shared | None = None) -> Inf
         raise InvalidArgument(f"inputs disagree on the batch dimension ({sizes})")
     if count == 0:
         raise InvalidArgument(f"tensor '{next(iter(tensors))}': batch dimension is 0")
-    return InferRequest(tensors, count, deadline, request.id, route=request.model_name)
+    decoded = InferRequest(tensors, count, deadline, request.id, route=request.model_name)
+    if request.parameters:
+        decoded.parameters = _parameters(request.parameters)
+    return decoded
+
+
+def _parameters(params) -> tuple:
+    """A request's InferParameter map as (name, kind, value), sorted: hashable, so it can
+    be part of a batching key."""
+    found = []
+    for name, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is not None:
+            found.append((name, kind, getattr(value, kind)))
+    return tuple(sorted(found))
 
 
 def requested_outputs(request, info: ModelInfo) -> list[str]:

@@ -334,6 +334,8 @@ class Batcher:
             kept = tuple(p for p in metadata if p[0] not in forwarding.TRACE_CONTEXT)
             metadata = kept + traced.headers
         sent = forwarding.sending(metadata) if metadata else None
+        parameters = slices[0][0].request.parameters  # shared: part of the batching key
+        carried = forwarding.sending_parameters(parameters) if parameters else None
         call = self._call(inputs, timeout)
         stats.batch_size.observe(rows)
         error: BaseException | None = None
@@ -354,6 +356,8 @@ class Batcher:
             stats.called(rows, len(slices), start - began, end - start, time.time())
             if sent is not None:
                 forwarding.done(sent)
+            if carried is not None:
+                forwarding.done_parameters(carried)
             if traced is not None:
                 traced.end(rows, error)
 

@@ -26,6 +26,12 @@ TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 
 _OUTGOING: ContextVar[Metadata] = ContextVar("coalesce_outgoing_metadata", default=())
 
+Parameters = tuple[tuple[str, str, object], ...]
+"""KServe request parameters: (name, InferParameter kind such as "int64_param", value)."""
+_PARAMETERS: ContextVar[Parameters] = ContextVar("coalesce_parameters", default=())
+SEQUENCE = frozenset({"sequence_id", "sequence_start", "sequence_end"})
+"""Parameters of a stateful model's request: it must go alone, and in order."""
+
 
 def pick(allowed: tuple[str, ...], lookup: Callable[[str], str | None]) -> Metadata:
     """The allowed names the caller sent, with their values (`lookup` is per transport)."""
@@ -55,3 +61,26 @@ def done(token: Token[Metadata]) -> None:
 def outgoing() -> Metadata | None:
     """The metadata to send with the backend call being made now (None: nothing)."""
     return _OUTGOING.get() or None
+
+
+def parameter_key(parameters: Parameters, sequence_token: object) -> tuple:
+    """The batching key part of a request's parameters: a batch carries one set, so only
+    requests that agree share one; a sequence request shares with none (`sequence_token`
+    is unique to it)."""
+    key: tuple = (("parameters", parameters),)
+    if any(name in SEQUENCE for name, _, _ in parameters):
+        key += (("sequence request", sequence_token),)
+    return key
+
+
+def sending_parameters(parameters: Parameters) -> Token[Parameters]:
+    return _PARAMETERS.set(parameters)
+
+
+def done_parameters(token: Token[Parameters]) -> None:
+    _PARAMETERS.reset(token)
+
+
+def parameters() -> Parameters:
+    """The request parameters the backend call being made now carries (empty: none)."""
+    return _PARAMETERS.get()

@@ -27,6 +27,8 @@ class InferRequest:
     """The caller's W3C trace headers, read only when tracing is on."""
     span: Any = None
     """This request's span while tracing (coalesce.telemetry.tracing)."""
+    parameters: tuple[tuple[str, str, Any], ...] = ()
+    """KServe request parameters to pass on: (name, InferParameter kind, value), sorted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,14 @@ from collections.abc import Callable
 
 from coalesce.config import Backend as BackendSpec
 from coalesce.config import Config
-from coalesce.errors import CoalesceError, NotFound, Unavailable
+from coalesce.errors import CoalesceError, InvalidArgument, NotFound, Unavailable
 from coalesce.telemetry.metrics import Metrics, RouteStats
 from coalesce.telemetry.tracing import Tracer
 
 from .adapter import Adapter, adapter_class
 from .batcher import Batcher
 from .batching import signature
-from .forwarding import batch_key
+from .forwarding import SEQUENCE, batch_key, parameter_key
 from .request import InferRequest, ModelInfo, Tensors
 from .routing import RouteTable
 from .tensors import check_inputs
@@ -93,6 +93,7 @@ class Backend:
         self._failed_probes = 0
         self.metrics = metrics or Metrics()
         self._accepted: set[tuple] = set()
+        self._sequence_requests = 0  # a unique batching key for each sequence request
         self.count = True  # per-request metrics; see config `metrics`
         self._route_stats: dict[str, RouteStats] = {}
         self.tracer: Tracer | None = None  # see config `tracing`
@@ -162,7 +163,22 @@ class Backend:
                 if len(self._accepted) > 256:
                     self._accepted.clear()
                 self._accepted.add(key)
+        if request.parameters:
+            key += self._parameters(request)
         return (key + batch_key(request.metadata)) if request.metadata else key
+
+    def _parameters(self, request: InferRequest) -> tuple:
+        """Request parameters reach a backend that takes them (`takes_parameters`, the
+        triton adapter); elsewhere a sequence is refused, and other parameters dropped."""
+        if getattr(self.adapter, "takes_parameters", False):
+            self._sequence_requests += 1
+            return parameter_key(request.parameters, self._sequence_requests)
+        if any(name in SEQUENCE for name, _, _ in request.parameters):
+            raise InvalidArgument(
+                f"backend '{self.name}' cannot serve sequences (sequence_id, sequence_start, "
+                "sequence_end): only a triton backend passes them to its model"
+            )
+        return ()
 
     def info(self) -> ModelInfo:
         return self.adapter.info()

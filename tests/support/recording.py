@@ -42,6 +42,7 @@ class RecordingKServe(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.requests: list = []  # every ModelInferRequest, as received
 
     async def ModelReady(self, request, context):
         return service_pb2.ModelReadyResponse(ready=request.name == "affine")
@@ -63,6 +64,7 @@ class RecordingKServe(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(-1, 4)
         self.calls.append((len(x), _metadata(context)))
+        self.requests.append(request)
         response = service_pb2.ModelInferResponse(model_name="affine", model_version="1")
         response.outputs.add(name="y", datatype="FP32", shape=list(x.shape))
         response.raw_output_contents.append((2 * x + 1).tobytes())

@@ -141,7 +141,34 @@ def decode(document: Any, blobs: memoryview, shared: SharedMemory | None = None)
         raise InvalidArgument(
             f"binary data: {len(blobs)} bytes follow the JSON header, the inputs declare {offset}"
         )
-    return request_of(tensors, deadline, request_id)
+    decoded = request_of(tensors, deadline, request_id)
+    parameters = _parameters(document, "request")
+    if parameters:
+        decoded.parameters = _passed_on(parameters)
+    return decoded
+
+
+_KINDS = (
+    (bool, "bool_param"),
+    (int, "int64_param"),
+    (float, "double_param"),
+    (str, "string_param"),
+)
+_HTTP_ONLY = frozenset({"binary_data_output"})  # about this answer's encoding, not the model
+
+
+def _passed_on(parameters: dict) -> tuple:
+    """The request's parameters as InferParameters, (name, kind, value) sorted, as the
+    gRPC front end gives them (coalesce.codecs.kserve)."""
+    found = []
+    for name, value in parameters.items():
+        if name in _HTTP_ONLY:
+            continue
+        kind = next((k for t, k in _KINDS if isinstance(value, t)), None)
+        if kind is None:
+            raise InvalidArgument(f"parameters.{name}: must be a boolean, number or string")
+        found.append((name, kind, value))
+    return tuple(sorted(found))
 
 
 Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]], dict[str, int]]
