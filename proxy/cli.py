@@ -23,9 +23,36 @@ def _load(path: str | None) -> config_module.Config | None:
         return None
 
 
+def _imports(config: config_module.Config) -> list[tuple[str, str]]:
+    """(config key, "module:attr") of the Python objects the backends name."""
+    found = []
+    for name, backend in config.backends.items():
+        kind = backend.type
+        if kind in ("local", "python") and getattr(backend, "python", None) is None:
+            found.append((f"backends.{name}.model", backend.model))  # type: ignore[union-attr]
+        elif kind == "grpc" and backend.codec:  # type: ignore[union-attr]
+            found.append((f"backends.{name}.codec", backend.codec))  # type: ignore[union-attr]
+        elif ":" in kind:
+            found.append((f"backends.{name}.type", kind))
+    return found
+
+
 def check(args: argparse.Namespace) -> int:
+    """Validate the config and import (without calling) every model, codec and adapter
+    it names, so that a typo shows here rather than when `serve` starts."""
     config = _load(args.config)
     if config is None:
+        return 1
+    from coalesce.core.adapter import import_string
+
+    failed = False
+    for key, path in _imports(config):
+        try:
+            import_string(path)
+        except ImportError as exc:
+            print(f"{args.config}: {key}: {exc}", file=sys.stderr)
+            failed = True
+    if failed:
         return 1
     print(f"{args.config}: ok ({len(config.backends)} backends, {len(config.routes)} routes)")
     return 0

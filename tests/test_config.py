@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_check_command_exit_status_and_messages(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(minimal()))
+    good.write_text(yaml.safe_dump(minimal(model="tests.models:affine")))
     result = run("check", str(good))
     assert result.returncode == 0, result.stderr
     bad = tmp_path / "bad.yaml"
@@ -120,6 +121,42 @@ def test_check_command_exit_status_and_messages(tmp_path):
     broken.write_text("routes: [\n")
     assert run("check", str(broken)).returncode == 1
     assert "cannot read" in run("check", str(tmp_path / "missing.yaml")).stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("tests.no_such_module:load", "No module named 'tests.no_such_module'"),
+        ("tests.models:no_such_factory", "has no attribute 'no_such_factory'"),
+    ],
+)
+def test_check_imports_each_model_without_calling_it(tmp_path, model, says):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(minimal(model=model)))
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert f"{path}: backends.m.model: cannot import '{model}'" in result.stderr
+    assert says in result.stderr
+
+
+def test_tracing_without_opentelemetry_says_what_to_install(tmp_path):
+    """A stand-in for a missing install: an empty `opentelemetry` package first on the path."""
+    (tmp_path / "opentelemetry").mkdir()
+    (tmp_path / "opentelemetry" / "__init__.py").write_text("")
+    path = tmp_path / "traced.yaml"
+    path.write_text(yaml.safe_dump({**minimal(), "tracing": {"exporter": "console"}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "coalesce.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+    )
+    assert result.returncode == 1
+    assert "tracing: needs OpenTelemetry" in result.stderr
+    assert "pip install 'coalesce[tracing]'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_serve_refuses_a_bad_config(tmp_path):

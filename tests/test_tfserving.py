@@ -310,6 +310,16 @@ def test_classify_is_unimplemented_with_a_clear_message(stub):
     assert "Classify" in caught.value.details()
 
 
+def test_reload_config_request_says_coalesce_reloads_its_own_config(channel):
+    from tensorflow_serving.apis import model_management_pb2
+
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "edit it and reload it (SIGHUP" in caught.value.details()
+
+
 def _content(length: int):
     proto = tf.make_tensor_proto(X)
     proto.tensor_content = proto.tensor_content[:length]

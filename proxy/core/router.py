@@ -60,6 +60,18 @@ async def _ready(backend: Backend) -> bool:
         return False
 
 
+def _tracer(config: Config) -> Tracer | None:
+    if config.tracing is None:
+        return None
+    try:
+        return Tracer(config.tracing)
+    except ImportError as exc:
+        raise StartupError(
+            f"tracing: needs OpenTelemetry, which is not installed ({exc.name} is missing): "
+            "pip install 'coalesce[tracing]'"
+        ) from None
+
+
 class ReloadError(Exception):
     """A reload that was refused; the old config keeps serving."""
 
@@ -233,7 +245,7 @@ class Router:
         self.routes: dict[str, Backend] = {}
         self.plain: set[str] = set()
         self.metrics = Metrics()
-        self.tracer = Tracer(config.tracing) if config.tracing else None
+        self.tracer = _tracer(config)
         self.table = RouteTable(config.routes)
         self._ordered = {r.model for r in config.routes if r.ordered}
         self.on_health_change: Callable[[str, bool], None] = lambda model, ready: None

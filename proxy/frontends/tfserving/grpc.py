@@ -38,6 +38,10 @@ UNIMPLEMENTED = {
     wire.TF_PREDICTION: ("Classify", "Regress", "MultiInference"),
     wire.TF_MODEL: ("HandleReloadConfigRequest",),
 }
+_INSTEAD = {
+    "HandleReloadConfigRequest": "its models are the routes of its own config; edit it and "
+    "reload it (SIGHUP, or POST /admin/reload on the admin port)",
+}
 _AVAILABLE = wire.ModelVersionStatus.State.Value("AVAILABLE")
 _LOADING = wire.ModelVersionStatus.State.Value("LOADING")
 _UNAVAILABLE = 14  # tensorflow.error.Code, the same numbers as gRPC's
@@ -217,10 +221,11 @@ class TFServingService:
 
     @staticmethod
     def _unimplemented(method: str) -> Any:
+        message = _INSTEAD.get(method, "use Predict with tensors")
+
         async def answer(request: bytes, context: grpc.aio.ServicerContext) -> None:
             await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{method} is not supported by Coalesce: use Predict with tensors",
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not supported by Coalesce: {message}"
             )
 
         return answer
