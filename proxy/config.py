@@ -714,7 +714,7 @@ class Http2(_Strict):
     window_update_rate: _Rate = Field(
         (1000, 100),
         description="WINDOW_UPDATE frames (each stream opened earns one, each DATA frame we "
-        "send two).",
+        "send ten, as Envoy's max_inbound_window_update_frames_per_data_frame_sent).",
     )
     priority_rate: _Rate = Field((1000, 100), description="PRIORITY frames.")
     empty_frame_rate: _Rate = Field(

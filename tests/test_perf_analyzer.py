@@ -63,6 +63,28 @@ def test_each_mode_runs_and_the_server_counts_what_the_client_sent(proxy, mode):
     assert report.server_inferences == pytest.approx(report.requests, rel=0.02), report.output
 
 
+def test_a_long_busy_stream_is_not_taken_for_a_window_update_flood(proxy):
+    """gRPC's C++ client acknowledges most messages it reads with a stream and a
+    connection WINDOW_UPDATE; thousands of streamed answers must not exhaust its budget
+    (at 2 updates per DATA frame sent it did, and perf_analyzer hung)."""
+    report = perf_analyzer.run(
+        "-m",
+        "affine",
+        "-u",
+        proxy.url,
+        "-i",
+        "grpc",
+        "--streaming",
+        "--concurrency-range",
+        "16",
+        "--measurement-interval",
+        "1500",
+        timeout=90,
+    )
+    assert report.requests > 3000, report.output
+    assert proxy.output().count("too many WINDOW_UPDATE") == 0
+
+
 def test_a_batch_of_4_per_request_counts_4_inferences_each(proxy):
     report = perf_analyzer.run("-m", "affine", "-u", proxy.url, "-i", "grpc", "-b", "4")
     assert report.server_inferences == pytest.approx(4 * report.requests, rel=0.02)
