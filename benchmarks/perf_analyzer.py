@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=int, default=2000)
     args = parser.parse_args(argv)
     perf_analyzer.check()
-    window = ("--measurement-interval", str(args.interval_ms))
+    window = ("--measurement-interval", str(args.interval_ms), "-s", "50", "--max-trials", "6")
     rows: list[dict] = []
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="coalesce-pa-") as tmp, triton_server() as triton:
