@@ -11,6 +11,18 @@
 # /etc/coalesce/routes.yaml (in Kubernetes: a ConfigMap, see config/kubernetes/).
 # --stop-timeout should exceed the config's grace_period_s (default 10 s) so the drain
 # on SIGTERM is not cut short.
+#
+# Python backends with `requirements:` get a virtual environment built by Coalesce under
+# $COALESCE_CACHE (/var/cache/coalesce here). Build it into a derived image, so a pod
+# starts serving at once instead of installing at start:
+#
+#   FROM coalesce
+#   COPY routes.yaml /etc/coalesce/routes.yaml
+#   COPY models/ /models/
+#   RUN coalesce prepare /etc/coalesce/routes.yaml
+#
+# (or run `coalesce prepare` in a Kubernetes init container with the cache on a shared
+# emptyDir volume mounted at /var/cache/coalesce: see README → Managed Python runtimes).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
@@ -23,13 +35,15 @@ COPY proxy/ proxy/
 RUN pip wheel --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    COALESCE_CACHE=/var/cache/coalesce
 # The wheels are bind-mounted from the build stage, so none of them stays in a layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels coalesce \
     && groupadd --system --gid 10001 coalesce \
     && useradd --system --uid 10001 --gid 10001 --no-create-home coalesce \
     && mkdir /etc/coalesce \
+    && mkdir -p /var/cache/coalesce && chown 10001:10001 /var/cache/coalesce \
     && python -c "from coalesce.config import DEFAULT_CONFIG as c; print(c, end='')" \
        > /etc/coalesce/routes.yaml
 USER 10001:10001

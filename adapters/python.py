@@ -14,6 +14,11 @@ queued meanwhile, rather than waiting here, already formed and smaller.
 A worker that dies, or holds a batch past `hang_timeout_ms`, is killed and replaced;
 its batch runs once more on another worker, and is answered UNAVAILABLE if that one
 is lost too. Workers exit with the sidecar, even after `kill -9` (see the worker).
+
+With `requirements`, the workers run in a virtual environment Coalesce builds
+(python_runtime.py). The build runs in the background: load() returns at once, so
+the other backends serve while this one answers UNAVAILABLE saying which step it is
+at; a failed build leaves it down, with the installer's output, until a reload.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from coalesce.core.request import ModelInfo, Tensors, TensorSpec
 from coalesce.errors import CoalesceError, Unavailable
 
 from .python_process import STOP_GRACE_S, StartFailed, Worker, WorkerLost, exit_text, start_worker
+from .python_runtime import BuildFailed, Environment
 
 log = logging.getLogger("coalesce")
 DEFAULT_HANG_MS = 60_000.0
@@ -54,9 +60,38 @@ class PythonAdapter:
         # Workers read the first; only this process holds the second: its closing,
         # at our exit however abrupt, is their signal to exit.
         self._lifeline_read, self._lifeline_write = os.pipe()
+        self.environment: Environment | None = None
+        self._python: str | None = None  # the managed environment's interpreter, once built
+        self.needs_rebuild = False  # a failed build: a reload builds this backend again
 
     async def load(self) -> None:
-        """Start every worker; if none can load the model, stay not ready (no retries)."""
+        """Start every worker (after building the environment, in the background)."""
+        if self.config.requirements is None:
+            await self._start_all()
+            return
+        self.environment = Environment(
+            self.config.requirements,
+            base=self.config.python,
+            cache_dir=self.config.cache_dir,
+            label=f"backend {self.name}",
+            timeout_s=self.config.build_timeout_s,
+        )
+        self._background(self._prepare())
+
+    async def _prepare(self) -> None:
+        assert self.environment is not None
+        try:
+            self._python = await self.environment.prepare()
+        except BuildFailed as exc:
+            self.needs_rebuild = True
+            self._down = f"its Python environment failed to build: {exc}"
+            log.error("backend %s: %s", self.name, self._down)
+            self._fail_waiters(Unavailable(f"backend '{self.name}': {self._down}"))
+            return
+        await self._start_all()
+
+    async def _start_all(self) -> None:
+        """If no worker can load the model, stay not ready (no retries)."""
         count = self.config.processes
         results = await asyncio.gather(
             *(self._start() for _ in range(count)), return_exceptions=True
@@ -132,6 +167,11 @@ class PythonAdapter:
     def _check_serving(self) -> None:
         if self._closed:
             raise Unavailable(f"backend '{self.name}' is shutting down")
+        if self.environment is not None and self._python is None and not self._down:
+            raise Unavailable(
+                f"backend '{self.name}' is building its Python environment "
+                f"({self.environment.step})"
+            )
         if not self._workers and self._down:
             raise Unavailable(f"backend '{self.name}' has no worker running: {self._down}")
 
@@ -198,7 +238,7 @@ class PythonAdapter:
             return
 
     async def _start(self) -> Worker:
-        return await start_worker(self.name, self.config, self._lifeline_read)
+        return await start_worker(self.name, self.config, self._lifeline_read, self._python)
 
     def _describe(self, hello: dict[str, Any]) -> None:
         def specs(items: list[Any]) -> tuple[TensorSpec, ...]:
@@ -222,6 +262,19 @@ class PythonAdapter:
 
     async def ready(self) -> bool:
         return bool(self._workers) and not self._closed
+
+    @property
+    def status(self) -> str:
+        """One line for /readyz and the dashboard: building, down and why, or serving."""
+        if self._closed:
+            return "shutting down"
+        if self._workers:
+            return f"serving: {len(self._workers)} of {self.config.processes} workers"
+        if self._down:
+            return f"down: {self._down.splitlines()[0]}"
+        if self.environment is not None and self._python is None:
+            return f"building its environment: {self.environment.step}"
+        return "starting workers"
 
     def info(self) -> ModelInfo:
         return self._info

@@ -140,7 +140,7 @@ class Worker:
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def worker_environ() -> dict[str, str]:
+def worker_environ(code: str | None = None) -> dict[str, str]:
     """Our environment with one math-library thread per worker, unless the operator chose.
 
     There is a worker per core already: each sizing its BLAS pool to the core count
@@ -151,12 +151,18 @@ def worker_environ() -> dict[str, str]:
     env = dict(os.environ)
     for variable in THREAD_VARIABLES:
         env.setdefault(variable, "1")
+    if code is not None:  # the backend's `code:` directory goes first on sys.path
+        path = os.path.abspath(code)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
     return env
 
 
-async def start_worker(name: str, config: PythonBackend, lifeline: int) -> Worker:
-    """A worker with the model loaded, or StartFailed saying why not."""
-    python = config.python or sys.executable
+async def start_worker(
+    name: str, config: PythonBackend, lifeline: int, python: str | None = None
+) -> Worker:
+    """A worker with the model loaded, or StartFailed saying why not; `python` is the
+    interpreter of the backend's managed environment, when it has one."""
+    python = python or config.python or sys.executable
     ours, theirs = socket.socketpair()
     shared = _shared_file(name)
     fds = (theirs.fileno(), shared, lifeline)
@@ -169,7 +175,7 @@ async def start_worker(name: str, config: PythonBackend, lifeline: int) -> Worke
             f"backend={name}",  # for ps; the worker ignores it
             pass_fds=fds,
             stdin=asyncio.subprocess.DEVNULL,
-            env=worker_environ(),
+            env=worker_environ(config.code),
         )
     except OSError as exc:
         ours.close()

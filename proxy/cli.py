@@ -1,4 +1,5 @@
-"""`coalesce serve [--config FILE]`, `coalesce check FILE` and `coalesce health`."""
+"""`coalesce serve [--config FILE]`, `coalesce check FILE`, `coalesce prepare FILE` and
+`coalesce health`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _imports(config: config_module.Config) -> list[tuple[str, str]]:
     found = []
     for name, backend in config.backends.items():
         kind = backend.type
-        if kind in ("local", "python") and getattr(backend, "python", None) is None:
+        foreign = getattr(backend, "python", None) or getattr(backend, "requirements", None)
+        if kind in ("local", "python") and not foreign:  # else it imports in its own venv
             found.append((f"backends.{name}.model", backend.model))  # type: ignore[union-attr]
         elif kind == "grpc" and backend.codec:  # type: ignore[union-attr]
             found.append((f"backends.{name}.codec", backend.codec))  # type: ignore[union-attr]
@@ -45,6 +47,7 @@ def check(args: argparse.Namespace) -> int:
         return 1
     from coalesce.core.adapter import import_string
 
+    sys.path[:0] = [b.code for b in config.backends.values() if getattr(b, "code", None)]
     failed = False
     for key, path in _imports(config):
         try:
@@ -127,6 +130,45 @@ def health(args: argparse.Namespace) -> int:
     )
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """Build every python backend's environment (`requirements`) and exit: for an image
+    build step or an init container, so that `serve` finds them in the cache."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from coalesce.adapters.python_runtime import BuildFailed, Environment
+
+    async def build(name: str, backend: config_module.PythonBackend) -> bool:
+        environment = Environment(
+            backend.requirements,  # type: ignore[arg-type]
+            base=backend.python,
+            cache_dir=backend.cache_dir,
+            label=f"backend {name}",
+            timeout_s=backend.build_timeout_s,
+        )
+        try:
+            python = await environment.prepare()
+        except BuildFailed as exc:
+            print(f"{args.config}: backends.{name}: {exc}", file=sys.stderr)
+            return False
+        how = "in the cache" if environment.reused else f"built in {environment.seconds:.1f} s"
+        print(f"backend {name}: {python} ({how})")
+        return True
+
+    async def build_all() -> list[bool]:
+        wanted = {
+            name: b
+            for name, b in config.backends.items()
+            if isinstance(b, config_module.PythonBackend) and b.requirements is not None
+        }
+        return list(await asyncio.gather(*(build(n, b) for n, b in wanted.items())))
+
+    results = asyncio.run(build_all())
+    if not results:
+        print(f"{args.config}: no python backend has requirements: nothing to prepare")
+    return 0 if all(results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (tests check the Dockerfile and manifests against it)."""
     parser = argparse.ArgumentParser(prog="coalesce", description=__doc__)
@@ -151,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_cmd.add_argument("config")
     check_cmd.set_defaults(run=check)
+    prepare_cmd = commands.add_parser(
+        "prepare",
+        parents=[common],
+        help="build the python backends' environments (requirements) and exit (1 on failure)",
+    )
+    prepare_cmd.add_argument("config")
+    prepare_cmd.set_defaults(run=prepare)
     health_cmd = commands.add_parser(
         "health", parents=[common], help="grpc.health.v1 check: exit 0 if SERVING, else 1"
     )

@@ -522,6 +522,48 @@ class PythonBackend(_PythonModel):
         "retried once on another; default timeout_ms, else 60000.",
     )
     start_timeout_s: float = Field(60.0, gt=0, description="Longest a worker may load the model.")
+    requirements: list[str] | str | None = Field(
+        None,
+        description="What the model needs installed: requirement strings, or a "
+        "requirements.txt path. Coalesce builds a virtual environment for them (from "
+        "`python`, default its own interpreter; with uv when on PATH, else venv + pip), "
+        "cached under `cache_dir` by their digest, and runs the workers in it.",
+    )
+    code: str | None = Field(
+        None, description="A directory put on the workers' sys.path (the model's own code)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where built environments are kept; default $COALESCE_CACHE/runtimes, "
+        "else ~/.cache/coalesce/runtimes.",
+    )
+    build_timeout_s: float = Field(
+        1800.0, gt=0, description="Longest one step of building the environment may take."
+    )
+
+    _requirements_digest: str = PrivateAttr("")
+
+    @field_validator("requirements")
+    @classmethod
+    def _check_requirements(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, str):
+            return _check_file(value)
+        if value is not None and not all(line.strip() for line in value):
+            raise ValueError("an empty requirement")
+        return value
+
+    @field_validator("code")
+    @classmethod
+    def _check_code(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"no such directory: {value}")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        """A requirements file's contents, as a digest: a reload after it changes rebuilds."""
+        if isinstance(self.requirements, str):
+            text = _read_file(self.requirements, "requirements")
+            self._requirements_digest = hashlib.sha256(text.encode()).hexdigest()
 
     @model_validator(mode="before")
     @classmethod

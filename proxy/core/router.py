@@ -223,7 +223,14 @@ class Backend:
             self.batcher.shed(self._down())
 
     def _down(self) -> Unavailable:
-        return Unavailable(f"backend '{self.name}' is down (its readiness probes fail)")
+        status = self.status
+        why = f": {status}" if status else ""
+        return Unavailable(f"backend '{self.name}' is down (its readiness probes fail){why}")
+
+    @property
+    def status(self) -> str | None:
+        """The adapter's own account of its state, where it gives one (python workers)."""
+        return getattr(self.adapter, "status", None)
 
     async def close(self, grace: float) -> None:
         """Let queued and in-flight requests finish (up to `grace` s), then release."""
@@ -317,7 +324,11 @@ class Router:
         if fixed:
             raise ReloadError([f"{key}: cannot change without a restart" for key in fixed])
         old = self.config.backends
-        keep = {n: b for n, b in self.backends.items() if config.backends.get(n) == old[n]}
+        keep = {  # unchanged, and not asking to be built again (a failed environment build)
+            n: b
+            for n, b in self.backends.items()
+            if config.backends.get(n) == old[n] and not getattr(b.adapter, "needs_rebuild", False)
+        }
         fresh: dict[str, Backend] = {}
         try:
             for name, spec in config.backends.items():

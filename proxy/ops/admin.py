@@ -48,9 +48,11 @@ def make_app(
     async def readyz(request: web.Request) -> web.Response:
         backends = {name: b.ready for name, b in router.backends.items()}
         ready = bool(backends) and all(backends.values())
-        return web.json_response(
-            {"ready": ready, "backends": backends}, status=200 if ready else 503
-        )
+        body: dict = {"ready": ready, "backends": backends}
+        status = {n: b.status for n, b in router.backends.items() if b.status is not None}
+        if status:  # e.g. a python backend building its environment, and which step
+            body["status"] = status
+        return web.json_response(body, status=200 if ready else 503)
 
     async def prometheus(request: web.Request) -> web.Response:
         registry = CollectorRegistry(auto_describe=False)
