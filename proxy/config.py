@@ -771,6 +771,72 @@ class Http2(_Strict):
     )
 
 
+class KafkaSource(_Strict):
+    """A Kafka inbox read by a consumer group (librdkafka, through confluent-kafka)."""
+
+    type: Literal["kafka"]
+    brokers: list[str] = Field(min_length=1, description="Bootstrap brokers, host:port.")
+    topic: str = Field(min_length=1, description="The inbox topic.")
+    group: str = Field(
+        min_length=1, description="The consumer group: instances in one group share partitions."
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=6_000, description="A member silent this long leaves the group (Kafka's floor "
+        "is 6000)."
+    )
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        description="A stable name for this instance (the pod's name in a StatefulSet): "
+        "static group membership (group.instance.id), so a restarted instance takes its "
+        "partitions back at once instead of waiting for a rebalance.",
+    )
+    transactional_id: str | None = Field(
+        None,
+        min_length=1,
+        description="exactly_once: this instance's transactional.id; default "
+        "coalesce-<pipeline>-<instance_id, else hostname>, so a restarted instance fences "
+        "its predecessor and aborts what it left open.",
+    )
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="More librdkafka settings for the consumer and producers (security.protocol, "
+        "sasl.*, ssl.*, ...).",
+    )
+
+
+class Outbox(_Strict):
+    """Where results (or rejected messages) are published, on the source's broker."""
+
+    topic: str = Field(min_length=1)
+
+
+class Pipeline(_Strict):
+    """Inference requests from a broker's inbox, batched with the route's other callers,
+    results to its outbox (coalesce.pipelines)."""
+
+    source: KafkaSource
+    format: Literal["kserve-json", "kserve-proto"] = Field(
+        "kserve-json",
+        description="A message's value: the KServe v2 REST body (JSON, binary data allowed with "
+        "an Inference-Header-Content-Length header), or a serialized ModelInferRequest.",
+    )
+    route: str = Field(min_length=1, description="A routed model, as a gRPC caller names it.")
+    sink: Outbox
+    dead_letter: Outbox | None = Field(
+        None,
+        description="Messages that cannot succeed (undecodable, rejected by the model), with "
+        "their error in headers; without one they are logged and committed.",
+    )
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="exactly_once: results and input offsets commit in one Kafka transaction.",
+    )
+    max_in_flight: int = Field(
+        10_000, ge=1, description="Most messages between consume and commit."
+    )
+
+
 class Config(_Strict):
     """A whole Coalesce configuration."""
 
@@ -831,6 +897,10 @@ class Config(_Strict):
     )
     backends: dict[str, Backend] = Field(description="Backend models by name.")
     routes: list[Route] = Field(description="Model names served, each mapped to a backend.")
+    pipelines: dict[str, Pipeline] = Field(
+        default_factory=dict,
+        description="Broker inboxes served by name: requests in, results out (see Pipeline).",
+    )
 
     _check_listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
@@ -862,6 +932,10 @@ class Config(_Strict):
                 if key in seen:
                     problems.append(f"routes.{i}.model: {key[1]} is routed twice")
                 seen.add(key)
+        routed = {route.model for route in self.routes}
+        for name, pipeline in self.pipelines.items():
+            if pipeline.route not in routed:
+                problems.append(f"pipelines.{name}.route: {pipeline.route!r} is not a routed model")
         if problems:
             raise ConfigError(problems)
         return self

@@ -23,6 +23,7 @@ from coalesce.frontends.kserve.shared_memory import SharedMemory
 from coalesce.frontends.tfserving.grpc import TFServingService
 from coalesce.http2.grpc_server import NativeServer
 from coalesce.ops import admin, stats
+from coalesce.pipelines.runner import Pipelines
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import Config, ConfigError, ServerTLS
@@ -88,6 +89,7 @@ class Server:
         self.config = config
         self._source = source
         self.router = Router(config)
+        self.pipelines = Pipelines(self.router)  # broker inboxes -> the same batchers
         self.shared_memory = SharedMemory()  # Triton's system shared memory, gRPC and REST
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -150,6 +152,7 @@ class Server:
                 folder,
                 self.reload,
                 ssl_context=self._ssl_context("admin", self.config.admin_tls),
+                pipelines=self.pipelines.status,
             )
         if self.config.http:
             self._http, self.http_port = await rest.start(
@@ -161,6 +164,7 @@ class Server:
                 reuse_port=self.config.workers > 1,
                 ssl_context=self._ssl_context("http", self.config.tls),
             )
+        await self.pipelines.start(self.config.pipelines)
         host = self.config.listen.rpartition(":")[0]
         log.info(
             "serving %s on %s:%d (admin %s, http %s, grpc_aio_listen %s)",
@@ -223,6 +227,8 @@ class Server:
             stopping.append(self._http.cleanup())
         if self._native is not None:
             stopping.append(self._native.stop(grace))
+        # Pipelines stop consuming, finish and commit their cycle, and leave their groups.
+        stopping.append(self.pipelines.stop(grace))
         await asyncio.gather(*stopping)
         if self._publisher is not None:
             self._publisher.cancel()
@@ -245,6 +251,7 @@ class Server:
                 gc.unfreeze()
             try:
                 changes = await self.router.reload(config, self.config.grace_period_s)
+                changes += await self.pipelines.update(config.pipelines, config.grace_period_s)
             finally:
                 if self._frozen:
                     freeze_heap()

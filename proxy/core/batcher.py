@@ -104,6 +104,11 @@ class Batcher:
         self._closed = False
 
     @property
+    def max_queue(self) -> int:
+        """Most rows that may wait; a submit beyond is RESOURCE_EXHAUSTED."""
+        return self._policy.max_queue
+
+    @property
     def queued_rows(self) -> int:
         return self._queued
 

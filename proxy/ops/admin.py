@@ -39,7 +39,9 @@ def make_app(
     router: Router,
     folder: SnapshotFolder | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
+    pipelines: Callable[[], dict[str, dict]] = dict,
 ) -> web.Application:
+    """`pipelines` gives each broker pipeline's status (coalesce.pipelines), for /readyz."""
     recorder = stats.Recorder(router, folder)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -52,6 +54,10 @@ def make_app(
         status = {n: b.status for n, b in router.backends.items() if b.status is not None}
         if status:  # e.g. a python backend building its environment, and which step
             body["status"] = status
+        flows = pipelines()
+        if flows:  # a pipeline whose broker is unreachable makes the instance not ready
+            body["pipelines"] = flows
+            ready = body["ready"] = ready and all(p["ready"] for p in flows.values())
         return web.json_response(body, status=200 if ready else 503)
 
     async def prometheus(request: web.Request) -> web.Response:
@@ -123,9 +129,10 @@ async def start(
     folder: SnapshotFolder | None = None,
     reload: Callable[[], Awaitable[list[str]]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    pipelines: Callable[[], dict[str, dict]] = dict,
 ) -> web.AppRunner:
     host, _, port = address.rpartition(":")
-    runner = web.AppRunner(make_app(router, folder, reload), access_log=None)
+    runner = web.AppRunner(make_app(router, folder, reload, pipelines), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, int(port), ssl_context=ssl_context).start()
     return runner

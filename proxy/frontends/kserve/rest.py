@@ -213,6 +213,26 @@ def encode(
     wanted: Wanted,
     shared: SharedMemory | None = None,
 ) -> web.Response:
+    body, header_length = encode_body(model, version, request_id, outputs, wanted, shared)
+    if header_length is None:
+        return web.Response(body=body, content_type="application/json")
+    return web.Response(
+        body=body,
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(header_length)},
+    )
+
+
+def encode_body(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Tensors,
+    wanted: Wanted,
+    shared: SharedMemory | None = None,
+) -> tuple[bytes, int | None]:
+    """The answer's bytes, and the JSON header's length when binary data follows it
+    (the body a broker pipeline publishes too)."""
     header: dict[str, Any] = {"model_name": model, "model_version": version}
     if request_id:
         header["id"] = request_id
@@ -248,12 +268,8 @@ def encode(
     header["outputs"] = entries
     body = dumps(header)
     if not blobs:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(
-        body=b"".join([body, *blobs]),
-        content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(len(body))},
-    )
+        return body, None
+    return b"".join([body, *blobs]), len(body)
 
 
 def _deadline(parameters: dict) -> float | None:

@@ -1,0 +1,290 @@
+"""Kafka pipelines: messages/s from inbox to outbox, against a naive consumer, one run.
+
+    python -m benchmarks.pipelines [--messages 100000] [--naive-messages 10000]
+
+The broker is noida-db (a Kafka-protocol stand-in, tests/support/kafka.py) on
+loopback, 4 partitions. Each message is a KServe v2 JSON body of one row for the
+bench MLP (benchmarks/bench_model.py), a `local` backend. Rows:
+
+1. broker ceiling: produce N messages with librdkafka, and consume them, no model;
+2. Coalesce, at_least_once and exactly_once (and at_least_once with kserve-proto
+   messages, a serialized ModelInferRequest): N messages produced at full speed into
+   a running pipeline, timed from the first produce to the last result read;
+3. a naive consumer (one Python process, librdkafka): per message, decode the JSON,
+   call the model on its one row, encode, produce the result, commit asynchronously;
+4. latency at a light 100 messages/s: produce-to-result p50/p99 (each result carries
+   its request's headers, so the send time rides along).
+
+Every result is checked against its own request. Prints a table and writes
+benchmarks/results/pipelines-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from coalesce.codecs import wire
+from confluent_kafka import Consumer, Producer
+
+from benchmarks import bench_model
+from benchmarks.run import RESULTS, infer_request
+from tests.support.coalesce import Process
+from tests.support.kafka import Broker
+
+
+def bodies(count: int, kind: str = "kserve-json") -> tuple[list[bytes], np.ndarray]:
+    xs = bench_model.inputs(count)
+    if kind == "kserve-proto":
+        return [infer_request("mlp", xs[i : i + 1]) for i in range(count)], bench_model.forward(xs)
+    out = []
+    for i in range(count):
+        tensor = {"name": "x", "datatype": "FP32", "shape": [1, 64], "data": xs[i].tolist()}
+        out.append(json.dumps({"id": str(i), "inputs": [tensor]}).encode())
+    return out, bench_model.forward(xs)
+
+
+def produce(broker: Broker, topic: str, values: list[bytes], rate: float | None = None) -> None:
+    producer = Producer({"bootstrap.servers": broker.address, "linger.ms": 2})
+    start = time.perf_counter()
+    for i, value in enumerate(values):
+        if rate:
+            wait = start + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        headers = [("sent", repr(time.time()).encode())]
+        while True:
+            try:
+                producer.produce(topic, value, str(i).encode(), headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(60)
+
+
+def consumer(broker: Broker, topic: str, group: str) -> Consumer:
+    c = Consumer(
+        {
+            "bootstrap.servers": broker.address,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    c.subscribe([topic])
+    return c
+
+
+def drain(broker: Broker, topic: str, count: int, expected: np.ndarray | None, group: str):
+    """Read `count` records; (time the last arrived, latencies from their `sent` header,
+    wrong answers)."""
+    c = consumer(broker, topic, group)
+    seen, wrong, latencies, last = set(), 0, [], 0.0
+    end = time.monotonic() + 600
+    try:
+        while len(seen) < count and time.monotonic() < end:
+            for record in c.consume(5000, 0.005):  # librdkafka waits out the timeout
+                if record.error() is not None:
+                    continue
+                now = time.time()
+                last = time.perf_counter()
+                headers = dict(record.headers() or ())
+                if "sent" in headers:
+                    latencies.append(now - float(headers["sent"]))
+                if expected is not None:
+                    i = int(record.key())
+                    y = _output(record.value())
+                    wrong += not np.allclose(y, expected[i], rtol=1e-4, atol=1e-5)
+                seen.add(record.key())
+    finally:
+        c.close()
+    return last, latencies, wrong + (count - len(seen))
+
+
+def _output(value: bytes) -> np.ndarray:
+    """The answer's one output: a KServe JSON body, or a ModelInferResponse."""
+    if value.startswith(b"{"):
+        return np.array(json.loads(value)["outputs"][0]["data"], dtype=np.float32)
+    answer = wire.ModelInferResponse.FromString(value)
+    return np.frombuffer(answer.raw_output_contents[0], dtype=np.float32)
+
+
+def reading(broker: Broker, topic: str, count: int, expected, group: str):
+    """drain() on a thread of its own: (the thread, the dict it fills)."""
+    result: dict = {}
+
+    def read() -> None:
+        result["last"], result["latencies"], result["wrong"] = drain(
+            broker, topic, count, expected, group
+        )
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader, result
+
+
+def ceiling(broker: Broker, values: list[bytes]) -> dict:
+    broker.create_topics("ceiling")
+    start = time.perf_counter()
+    produce(broker, "ceiling", values)
+    produced = time.perf_counter() - start
+    start = time.perf_counter()
+    last, _, missing = drain(broker, "ceiling", len(values), None, "ceiling")
+    return {
+        "produce_msgs_per_s": len(values) / produced,
+        "consume_msgs_per_s": len(values) / (last - start),
+        "missing": missing,
+    }
+
+
+def through_coalesce(
+    broker: Broker, tmp: Path, tag: str, values, expected, rate: float | None = None, **fields
+) -> tuple[dict, float]:
+    """`values` produced (at `rate`/s, else at full speed) into a running pipeline on
+    topics of its own; (the reader's results, when producing began)."""
+    inbox, outbox = f"in-{tag}", f"out-{tag}"
+    broker.create_topics(inbox, outbox)
+    source = {
+        "type": "kafka",
+        "brokers": [broker.address],
+        "topic": inbox,
+        "group": f"coalesce-{tag}",
+        "session_timeout_ms": 6000,
+    }
+    config = {
+        "admin": None,
+        "backends": {"mlp": {"type": "local", "model": "benchmarks.models:mlp"}},
+        "routes": [{"model": "mlp", "backend": "mlp"}],
+        "pipelines": {"p": {"source": source, "route": "mlp", "sink": {"topic": outbox}, **fields}},
+    }
+    proxy = Process(config, tmp, ("--log-level", "WARNING"))
+    try:
+        time.sleep(4)  # joins the group
+        reader, result = reading(broker, outbox, len(values), expected, f"r-{tag}")
+        start = time.perf_counter()
+        produce(broker, inbox, values, rate)
+        reader.join()
+    finally:
+        proxy.terminate()
+    return result, start
+
+
+def pipeline(broker: Broker, tmp: Path, tag: str, values, expected, **fields) -> dict:
+    result, start = through_coalesce(broker, tmp, tag, values, expected, **fields)
+    return {"msgs_per_s": len(values) / (result["last"] - start), "wrong": result["wrong"]}
+
+
+def naive(broker: Broker, values, expected) -> dict:
+    """One message at a time: what a team writes first."""
+    broker.create_topics("in-naive", "out-naive")
+    produce(broker, "in-naive", values)
+    c = consumer(broker, "in-naive", "naive")
+    p = Producer({"bootstrap.servers": broker.address, "linger.ms": 2})
+    reader, result = reading(broker, "out-naive", len(values), expected, "r-naive")
+    done, start = 0, time.perf_counter()
+    while done < len(values):
+        record = c.poll(1.0)
+        if record is None or record.error() is not None:
+            continue
+        body = json.loads(record.value())
+        x = np.array(body["inputs"][0]["data"], dtype=np.float32).reshape(1, 64)
+        y = bench_model.forward(x)
+        answer = {
+            "id": body["id"],
+            "outputs": [
+                {
+                    "name": "y",
+                    "datatype": "FP32",
+                    "shape": list(y.shape),
+                    "data": y.ravel().tolist(),
+                }
+            ],
+        }
+        p.produce("out-naive", json.dumps(answer).encode(), record.key())
+        p.poll(0)
+        c.commit(record, asynchronous=True)
+        done += 1
+    p.flush(60)
+    reader.join()
+    c.close()
+    return {"msgs_per_s": len(values) / (result["last"] - start), "wrong": result["wrong"]}
+
+
+def latency(broker: Broker, tmp: Path, values, expected) -> dict:
+    result, _ = through_coalesce(broker, tmp, "light", values, expected, rate=100)
+    ms = sorted(1000 * s for s in result["latencies"])
+    return {
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[int(0.99 * (len(ms) - 1))],
+        "wrong": result["wrong"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--naive-messages", type=int, default=10_000)
+    parser.add_argument("--light-messages", type=int, default=500)
+    args = parser.parse_args(argv)
+    values, expected = bodies(args.messages)
+    broker = Broker()
+    report: dict = {"args": vars(args)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:
+            report["ceiling"] = ceiling(broker, values)
+            tmp_path = Path(tmp)
+            report["at_least_once"] = pipeline(broker, tmp_path, "alo", values, expected)
+            proto, _ = bodies(args.messages, "kserve-proto")
+            report["at_least_once, kserve-proto"] = pipeline(
+                broker, tmp_path, "proto", proto, expected, format="kserve-proto"
+            )
+            report["exactly_once"] = pipeline(
+                broker, tmp_path, "eos", values, expected, delivery="exactly_once"
+            )
+            n = args.naive_messages
+            report["naive"] = naive(broker, values[:n], expected[:n])
+            k = args.light_messages
+            report["light"] = latency(broker, tmp_path, values[:k], expected[:k])
+    finally:
+        broker.close()
+    c, naive_rate = report["ceiling"], report["naive"]["msgs_per_s"]
+    print("\n| path | messages/s | vs naive | vs broker consume ceiling | wrong |")
+    print("|---|---|---|---|---|")
+    print(f"| broker ceiling: produce | {c['produce_msgs_per_s']:,.0f} | — | — | — |")
+    print(
+        f"| broker ceiling: consume | {c['consume_msgs_per_s']:,.0f} | — | 1.00x | {c['missing']} |"
+    )
+    for key in ("at_least_once", "at_least_once, kserve-proto", "exactly_once", "naive"):
+        r = report[key]
+        print(
+            f"| {'coalesce ' + key if key != 'naive' else 'naive consumer, one call per message'} "
+            f"| {r['msgs_per_s']:,.0f} | {r['msgs_per_s'] / naive_rate:.1f}x "
+            f"| {r['msgs_per_s'] / c['consume_msgs_per_s']:.2f}x | {r['wrong']} |"
+        )
+    light = report["light"]
+    print(
+        f"\nat 100 messages/s: produce-to-result p50 {light['p50_ms']:.1f} ms, "
+        f"p99 {light['p99_ms']:.1f} ms"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"pipelines-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    keys = ("at_least_once", "at_least_once, kserve-proto", "exactly_once", "naive", "light")
+    wrong = sum(report[k]["wrong"] for k in keys)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""A broker message's value as an inference request, and a result as a message's value.
+
+The formats are the front ends' own bodies, so a pipeline's caller builds its message
+exactly as it would an HTTP or gRPC call: `kserve-json` is the KServe v2 REST body
+(JSON, with binary data after it when the message carries an
+Inference-Header-Content-Length header), `kserve-proto` a serialized ModelInferRequest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from coalesce.codecs import kserve, wire
+from coalesce.codecs.json_tensors import parse
+from coalesce.core.request import InferRequest, ModelInfo, Tensors
+from coalesce.errors import InvalidArgument
+from coalesce.frontends.kserve import rest
+
+HEADER_LENGTH = rest.HEADER_LENGTH
+
+
+class Decoded(NamedTuple):
+    request: InferRequest
+    answer: Any  # what encode() needs besides the outputs (wanted outputs, the message)
+
+
+def _header_length(headers: list[tuple[str, bytes]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == HEADER_LENGTH.lower():
+            return value.decode("latin-1")
+    return None
+
+
+def decode(
+    kind: str, value: bytes, headers: list[tuple[str, bytes]], model: str, info: ModelInfo
+) -> Decoded:
+    """The request in a message; InvalidArgument naming the field when it is not one."""
+    if kind == "kserve-json":
+        header, blobs = rest.split_body(value, _header_length(headers))
+        document = parse(header, "message value")
+        request = rest.decode(document, blobs)
+        return Decoded(request, rest.requested_outputs(document, info, model))
+    message = wire.ModelInferRequest()
+    try:
+        message.ParseFromString(value)
+    except Exception:  # protobuf's DecodeError, and whatever a hostile value provokes
+        raise InvalidArgument("message value: not a serialized ModelInferRequest") from None
+    request = kserve.decode(message, None)
+    return Decoded(request, (message, kserve.requested_outputs(message, info)))
+
+
+def encode(
+    kind: str, model: str, version: str, decoded: Decoded, outputs: Tensors
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The answer's bytes, and the headers it needs (binary data after a JSON header)."""
+    if kind == "kserve-json":
+        body, length = rest.encode_body(model, version, decoded.request.id, outputs, decoded.answer)
+        return body, [] if length is None else [(HEADER_LENGTH, str(length).encode())]
+    message, names = decoded.answer
+    return kserve.encode(message, version, outputs, names), []

@@ -1,0 +1,396 @@
+"""A pipeline's loop: take what the inbox holds, infer it through the route's batcher,
+publish the results, and only then commit.
+
+Batching follows the backlog: a fetch returns whatever has arrived (up to
+`max_in_flight`), and every message of it is submitted at once to the same batcher
+gRPC and REST callers use, so a lone message goes at once and a backlog makes big
+batches. One cycle at a time: consuming resumes only once the last cycle's results
+and offsets are committed, so a rebalance (which librdkafka runs inside the consume
+call) never finds work in flight, and memory holds at most `max_in_flight` messages.
+
+A message that cannot succeed (undecodable, INVALID_ARGUMENT from the model...) goes
+to the dead-letter outbox and is committed; a transient failure (the backend
+UNAVAILABLE, its queue full, a deadline) is retried with backoff and nothing is
+committed meanwhile, so nothing is lost while a backend restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from coalesce.config import Pipeline
+from coalesce.core.router import Router, StartupError
+from coalesce.errors import CoalesceError, ResourceExhausted
+
+from . import formats
+
+log = logging.getLogger("coalesce")
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.NOT_FOUND,  # the route is gone for a reload's moment
+    }
+)
+MAX_BACKOFF_S = 5.0
+CONNECTORS = {"kafka": ("coalesce.pipelines.kafka", "KafkaConnector", "kafka")}
+"""source type -> (module, class, the `pip install coalesce[...]` extra it needs)."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One message taken from an inbox, with where it came from."""
+
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def coordinates(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A result (or a rejected message, `dead`) to publish for one input message."""
+
+    source: Message
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    dead: bool = False
+
+
+class Connector(Protocol):
+    """A broker's side of a pipeline: one per pipeline and instance."""
+
+    ready: bool
+    partitions: list[int]  # the inbox's partitions (or shards) this instance reads
+
+    async def start(self) -> None: ...
+
+    async def fetch(self, limit: int) -> list[Message]:
+        """What has arrived, up to `limit`; waits a moment for one message when none has."""
+
+    async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
+        """Publish `out` and commit `taken` (atomically where the broker can)."""
+
+    async def close(self) -> None: ...
+
+
+class BrokerError(Exception):
+    """The broker failed a fetch or a commit; `fatal` when retrying cannot help."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def connector_for(name: str, spec: Pipeline) -> Connector:
+    module, cls, extra = CONNECTORS[spec.source.type]
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        raise StartupError(
+            f"pipelines.{name}: a {spec.source.type} pipeline needs {exc.name}, which is not "
+            f"installed: pip install 'coalesce[{extra}]'"
+        ) from None
+    connector: Connector = getattr(found, cls)(name, spec)
+    return connector
+
+
+@dataclass
+class Counters:
+    consumed: int = 0
+    published: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    cycles: int = 0
+    last_cycle: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Runner:
+    """One pipeline on this instance."""
+
+    def __init__(self, name: str, spec: Pipeline, router: Router, connector: Connector) -> None:
+        self.name = name
+        self.spec = spec
+        self.router = router
+        self.connector = connector
+        self.counters = Counters()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.connector.ready and not self._stopping
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self, grace: float) -> None:
+        """Stop consuming; the cycle in flight gets `grace` s to commit, then is abandoned
+        (its messages are delivered again: at least once, or its transaction aborts)."""
+        self._stopping = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                log.warning("pipeline %s: the cycle in flight outlived the grace period", self.name)
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        await self.connector.close()
+
+    async def _connect(self) -> None:
+        """Until the connector starts: a broker down at start is NOT_SERVING, not fatal."""
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self.connector.start()
+                return
+            except BrokerError as exc:
+                if exc.fatal:
+                    raise
+                log.warning(
+                    "pipeline %s: cannot start: %s (retry in %.1f s)", self.name, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _run(self) -> None:
+        try:
+            await self._connect()
+        except BrokerError as exc:
+            log.error("pipeline %s: stopped: %s", self.name, exc)
+            self._stopping = True
+            return
+        delay = 0.1
+        while not self._stopping:
+            try:
+                taken = await self.connector.fetch(self.spec.max_in_flight)
+                if not taken:
+                    continue
+                out = await self._infer(taken)
+                await self._commit(taken, out)
+                delay = 0.1
+            except BrokerError as exc:
+                if exc.fatal:
+                    log.error("pipeline %s: stopped: %s", self.name, exc)
+                    self._stopping = True
+                    return
+                log.warning("pipeline %s: %s (retry in %.1f s)", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug must not end the pipeline silently
+                log.exception("pipeline %s: cycle failed (retry in %.1f s)", self.name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def _commit(self, taken: list[Message], out: list[Outgoing]) -> None:
+        """Publish and commit, retrying a broker's transient failure: the results are
+        in memory, so a retry publishes the same ones (an aborted transaction's are
+        never seen by read_committed readers)."""
+        delay = 0.1
+        while True:
+            try:
+                await self.connector.complete(taken, out)
+                break
+            except BrokerError as exc:
+                if exc.fatal or self._stopping:
+                    raise
+                log.warning(
+                    "pipeline %s: commit failed: %s (retry in %.1f s)", self.name, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        counters = self.counters
+        counters.consumed += len(taken)
+        counters.dead_lettered += sum(o.dead for o in out)
+        counters.published += sum(not o.dead for o in out)
+        counters.cycles += 1
+        counters.last_cycle = len(taken)
+
+    async def _infer(self, taken: list[Message]) -> list[Outgoing]:
+        """One Outgoing per message, in input order; transient failures retried."""
+        out: list[Outgoing | None] = [None] * len(taken)
+        decoded: dict[int, formats.Decoded] = {}
+        pending = list(range(len(taken)))
+        delay = 0.1
+        while pending:
+            retry = await self._attempt(taken, pending, decoded, out)
+            if retry and not self._stopping:
+                self.counters.retried += len(retry)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            elif retry:  # stopping: leave them uncommitted, to be delivered again
+                raise BrokerError("stopping with messages the backend did not answer")
+            pending = retry
+        return [o for o in out if o is not None]
+
+    async def _attempt(
+        self,
+        taken: list[Message],
+        pending: list[int],
+        decoded: dict[int, formats.Decoded],
+        out: list[Outgoing | None],
+    ) -> list[int]:
+        route, kind = self.spec.route, self.spec.format
+        try:
+            backend = self.router.get(route)
+        except CoalesceError:
+            return pending
+        info = backend.info()
+        # Leave room in the batcher's queue for other callers: at most half of it ours.
+        room = asyncio.Semaphore(max(1, backend.batcher.max_queue // 2))
+        futures: dict[int, asyncio.Future[Any]] = {}
+        retry: list[int] = []
+        for i in pending:
+            message = taken[i]
+            if i not in decoded:
+                try:
+                    decoded[i] = formats.decode(kind, message.value, message.headers, route, info)
+                    decoded[i].request.route = route
+                except CoalesceError as exc:
+                    out[i] = self._dead(message, exc)
+                    continue
+            if decoded[i].request.rows > backend.batcher.max_queue:  # would never fit
+                error = ResourceExhausted(
+                    f"request has {decoded[i].request.rows} rows, more than backend "
+                    f"'{backend.name}' queues (max_queue {backend.batcher.max_queue})"
+                )
+                out[i] = self._dead(message, error)
+                continue
+            await room.acquire()
+            try:
+                future = backend.submit(decoded[i].request)
+            except CoalesceError as exc:
+                room.release()
+                if exc.code in TRANSIENT:
+                    retry.append(i)
+                else:
+                    out[i] = self._dead(message, exc)
+                continue
+            future.add_done_callback(lambda _: room.release())
+            futures[i] = future
+        if futures:
+            await asyncio.wait(futures.values())
+        version = info.versions[0] if info.versions else ""
+        for i, future in futures.items():
+            error = future.exception()
+            if error is None:
+                try:
+                    value, headers = formats.encode(
+                        kind, route, version, decoded[i], future.result()
+                    )
+                except CoalesceError as exc:
+                    out[i] = self._dead(taken[i], exc)
+                    continue
+                out[i] = Outgoing(taken[i], value, self._headers(taken[i], headers, decoded[i]))
+            elif isinstance(error, CoalesceError) and error.code not in TRANSIENT:
+                out[i] = self._dead(taken[i], error)
+            else:
+                retry.append(i)
+        return sorted(retry)
+
+    @staticmethod
+    def _headers(
+        message: Message, extra: list[tuple[str, bytes]], decoded: formats.Decoded
+    ) -> list[tuple[str, bytes]]:
+        """The request's own headers (for correlation), plus where it came from."""
+        kept = [(k, v) for k, v in message.headers if k.lower() != formats.HEADER_LENGTH.lower()]
+        coordinates = [("coalesce-source", message.coordinates.encode())]
+        if decoded.request.id:
+            coordinates.append(("coalesce-request-id", decoded.request.id.encode()))
+        return kept + extra + coordinates
+
+    def _dead(self, message: Message, error: CoalesceError) -> Outgoing:
+        code = error.code.name
+        self.counters.errors[code] = self.counters.errors.get(code, 0) + 1
+        if self.spec.dead_letter is None:
+            log.warning(
+                "pipeline %s: %s dropped (no dead_letter): %s: %s",
+                self.name,
+                message.coordinates,
+                code,
+                error.message,
+            )
+        headers = [
+            *message.headers,
+            ("coalesce-status", code.encode()),
+            ("coalesce-error", error.message.encode(errors="replace")),
+            ("coalesce-source", message.coordinates.encode()),
+        ]
+        return Outgoing(message, message.value, headers, dead=True)
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "ready": self.ready,
+            "partitions": list(self.connector.partitions),
+            "consumed": c.consumed,
+            "published": c.published,
+            "dead_lettered": c.dead_lettered,
+            "retried": c.retried,
+            "last_cycle_messages": c.last_cycle,
+            "errors": dict(c.errors),
+        }
+
+
+class Pipelines:
+    """Every pipeline of the config on this instance: started, reloaded, stopped."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.running: dict[str, Runner] = {}
+
+    async def start(self, specs: dict[str, Pipeline]) -> None:
+        for name, spec in specs.items():
+            await self._start(name, spec)
+
+    async def _start(self, name: str, spec: Pipeline) -> None:
+        connector = connector_for(name, spec)
+        runner = Runner(name, spec, self.router, connector)
+        runner.start()
+        self.running[name] = runner
+        log.info(
+            "pipeline %s: %s -> %s -> %s", name, spec.source.topic, spec.route, spec.sink.topic
+        )
+
+    async def update(self, specs: dict[str, Pipeline], grace: float) -> list[str]:
+        """A reload: removed and changed pipelines stop (committing), new ones start."""
+        changes = []
+        for name, runner in list(self.running.items()):
+            if specs.get(name) != runner.spec:
+                await runner.stop(grace)
+                del self.running[name]
+                changes.append(f"pipeline {name}: {'changed' if name in specs else 'removed'}")
+        for name, spec in specs.items():
+            if name not in self.running:
+                await self._start(name, spec)
+                if not any(c.startswith(f"pipeline {name}:") for c in changes):
+                    changes.append(f"pipeline {name}: added")
+        for change in changes:
+            log.info("reloaded config: %s", change)
+        return changes
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.gather(*(r.stop(grace) for r in self.running.values()))
+        self.running.clear()
+
+    @property
+    def ready(self) -> bool:
+        return all(r.ready for r in self.running.values())
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: runner.status() for name, runner in self.running.items()}
