@@ -781,8 +781,9 @@ class KafkaSource(_Strict):
         min_length=1, description="The consumer group: instances in one group share partitions."
     )
     session_timeout_ms: int = Field(
-        10_000, ge=6_000, description="A member silent this long leaves the group (Kafka's floor "
-        "is 6000)."
+        10_000,
+        ge=6_000,
+        description="A member silent this long leaves the group (Kafka's floor is 6000).",
     )
     instance_id: str | None = Field(
         None,

@@ -199,9 +199,23 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     status = readyz(proxy)["pipelines"]["scores"]
     assert status["ready"] and status["consumed"] == len(values)
     assert status["published"] == len(values) and status["dead_lettered"] == 0
+    until(lambda: readyz(proxy)["pipelines"]["scores"]["lag"] == dict.fromkeys("0123", 0), "lag 0")
+    assert prometheus(
+        proxy, 'coalesce_pipeline_messages_total{outcome="published",pipeline="scores"}'
+    ) == len(values)
+    assert prometheus(proxy, 'coalesce_pipeline_ready{pipeline="scores"}') == 1
     batches, rows_in_batches = batch_totals(proxy, "affine")
     assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
     assert rows_in_batches / batches > 3, "messages that queued together share batches"
+
+
+def prometheus(proxy: Process, sample: str) -> float:
+    """One sample's value from /metrics."""
+    with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {sample} in /metrics")
 
 
 def batch_totals(proxy: Process, backend: str) -> tuple[float, float]:
@@ -358,7 +372,9 @@ def test_a_stopped_backend_loses_nothing_and_traffic_resumes_by_itself(broker, c
         assert time.monotonic() < deadline, "the pipeline should be retrying"
         time.sleep(0.1)
     time.sleep(2)
-    assert readyz(proxy)["pipelines"]["scores"]["published"] == 500, "nothing while it is down"
+    status = readyz(proxy)["pipelines"]["scores"]
+    assert status["published"] == 500, "nothing while it is down"
+    assert sum(status["lag"].values()) > 0, "what is not committed is lag"
     coalesce_process(model_server)  # back, on the same address
     read_every(broker, "results", x_of)
     assert readyz(proxy)["pipelines"]["scores"]["dead_lettered"] == 0

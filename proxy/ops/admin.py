@@ -28,11 +28,13 @@ DASHBOARD = resources.files(__package__).joinpath("dashboard.html")
 
 
 class _Collector:
-    def __init__(self, merged: dict) -> None:
+    def __init__(self, merged: dict, pipelines: dict[str, dict]) -> None:
         self.merged = merged
+        self.pipelines = pipelines
 
     def collect(self):
-        return metrics.families(self.merged)
+        yield from metrics.families(self.merged)
+        yield from metrics.pipeline_families(self.pipelines)
 
 
 def make_app(
@@ -62,7 +64,7 @@ def make_app(
 
     async def prometheus(request: web.Request) -> web.Response:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(stats.current(router, folder)))
+        registry.register(_Collector(stats.current(router, folder), pipelines()))
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -53,6 +53,8 @@ class KafkaConnector:
         self.exactly_once = spec.delivery == "exactly_once"
         self.ready = False
         self.partitions: list[int] = []  # of the inbox, assigned to this instance
+        self.lag: dict[int, int] = {}  # partition -> messages behind
+        self._committed: dict[tuple[str, int], int] = {}  # by this instance, last known
         common: dict[str, Any] = {
             "bootstrap.servers": ",".join(source.brokers),
             "error_cb": self._error,
@@ -125,13 +127,12 @@ class KafkaConnector:
 
     async def fetch(self, limit: int) -> list[Message]:
         def take() -> list[Any]:
-            self.partitions = sorted(p.partition for p in self._consumer.assignment())
             got = self._consumer.consume(limit, 0)  # what is buffered already
             if not got:
                 first = self._consumer.poll(POLL_S)
-                if first is None:
-                    return []
-                got = [first, *(self._consumer.consume(limit - 1, 0) if limit > 1 else [])]
+                if first is not None:
+                    got = [first, *(self._consumer.consume(limit - 1, 0) if limit > 1 else [])]
+            self._measure_lag()  # as of this fetch: it holds while the cycle runs
             return got
 
         taken = []
@@ -156,6 +157,20 @@ class KafkaConnector:
             await self._probe()
         return taken
 
+    def _measure_lag(self) -> None:
+        """Per assigned partition, messages not yet committed, as Kafka's consumer-group
+        lag: the high watermark (as the last fetch saw it: no request) minus our last
+        commit there, else our position."""
+        assigned = self._consumer.assignment()
+        self.partitions = sorted(p.partition for p in assigned)
+        lag = {}
+        for position in self._consumer.position(assigned) if assigned else ():
+            _, high = self._consumer.get_watermark_offsets(position, cached=True)
+            done = self._committed.get((position.topic, position.partition), position.offset)
+            if high >= 0 and done >= 0:
+                lag[position.partition] = max(high - done, 0)
+        self.lag = lag
+
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
         offsets = {}
         for message in taken:  # the next offset to read, per partition
@@ -163,6 +178,7 @@ class KafkaConnector:
             offsets[key] = max(offsets.get(key, 0), message.offset + 1)
         positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         await self._call(lambda: self._publish(out, positions))
+        self._committed.update(offsets)
 
     def _publish(self, out: list[Outgoing], positions: list[TopicPartition]) -> None:
         sink = self.spec.sink.topic

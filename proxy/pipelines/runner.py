@@ -76,6 +76,7 @@ class Connector(Protocol):
 
     ready: bool
     partitions: list[int]  # the inbox's partitions (or shards) this instance reads
+    lag: dict[int, int]  # partition -> messages not yet read
 
     async def start(self) -> None: ...
 
@@ -338,6 +339,7 @@ class Runner:
         return {
             "ready": self.ready,
             "partitions": list(self.connector.partitions),
+            "lag": dict(self.connector.lag),
             "consumed": c.consumed,
             "published": c.published,
             "dead_lettered": c.dead_lettered,

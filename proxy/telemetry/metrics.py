@@ -288,3 +288,30 @@ class SnapshotFolder:
             except (OSError, ValueError):
                 continue  # being replaced right now: next scrape gets it
         return found
+
+
+PIPELINE_COUNTS = ("consumed", "published", "dead_lettered", "retried")
+
+
+def pipeline_families(status: dict[str, dict]) -> Iterator:
+    """Prometheus families for the broker pipelines' status (coalesce.pipelines)."""
+    messages = CounterMetricFamily(
+        "coalesce_pipeline_messages",
+        "Messages taken from the inbox and what became of them.",
+        labels=["pipeline", "outcome"],
+    )
+    ready = GaugeMetricFamily(
+        "coalesce_pipeline_ready", "1 while the pipeline's broker answers.", labels=["pipeline"]
+    )
+    lag = GaugeMetricFamily(
+        "coalesce_pipeline_lag",
+        "Messages in the inbox not yet read, per assigned partition.",
+        labels=["pipeline", "partition"],
+    )
+    for name, state in status.items():
+        for outcome in PIPELINE_COUNTS:
+            messages.add_metric([name, outcome], state[outcome])
+        ready.add_metric([name], float(state["ready"]))
+        for partition, behind in state["lag"].items():
+            lag.add_metric([name, str(partition)], behind)
+    yield from (messages, ready, lag)
