@@ -150,6 +150,7 @@ def test_dashboard_renders_and_updates_in_headless_chromium(proxy, tmp_path):
     thread.join()
     shutil.rmtree(profile, ignore_errors=True)
     assert 'data-updated="' in dom and "req/s" in dom and 'id="b-b"' in dom
+    assert '<div class="state">ready</div>' in dom  # each backend's state, from /readyz
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB"))
