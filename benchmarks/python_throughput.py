@@ -24,13 +24,11 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks import bench_model, loadgen
-from benchmarks.python_workers import process_tree_cpu
-from benchmarks.run import METHOD, RESULTS, coalesce, infer_request
+from benchmarks import bench_model, python_workers
+from benchmarks.run import RESULTS, coalesce, infer_request
 
 ROWS = 64  # rows per request in the rows/s runs
 MODELS = {"identity": "benchmarks.models:identity", "mlp": "benchmarks.models:mlp"}
@@ -55,35 +53,11 @@ def workload(route: str, rows: int, count: int = 64) -> tuple[list[bytes], list[
 
 def measure(url: str, pid: int, route: str, rows: int, concurrency: int, args) -> dict:
     requests, expected = workload(route, rows)
-    result: dict = {}
-    run = threading.Thread(
-        target=lambda: result.update(
-            loadgen.run(
-                url,
-                METHOD,
-                requests,
-                expected,
-                concurrency=concurrency,
-                connections=4,
-                duration=args.duration,
-                warmup=args.warmup,
-            )
-        )
-    )
-    run.start()
-    time.sleep(args.warmup)
-    start = process_tree_cpu(pid)
-    time.sleep(args.duration)
-    cores = (process_tree_cpu(pid) - start) / args.duration
-    run.join()
+    result = python_workers.measure(url, pid, requests, expected, args, concurrency)
     return {
         "req_per_s": result["throughput_rps"],
         "rows_per_s": result["throughput_rps"] * rows,
-        "p50_ms": result["latency_ms"]["p50"],
-        "p99_ms": result["latency_ms"]["p99"],
-        "cores_used": cores,
-        "mismatches": result["mismatches"],
-        "errors": result["errors"],
+        **{k: result[k] for k in ("p50_ms", "p99_ms", "cores_used", "mismatches", "errors")},
     }
 
 
@@ -99,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     runs: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:
-        with coalesce(config(), Path(tmp)) as proxy:
-            time.sleep(2)  # the workers load the models
-            for _ in range(args.repeats):
-                for load, rows, concurrency in LOADS:
-                    for route in config()["backends"]:
-                        result = measure(proxy.url, proxy.proc.pid, route, rows, concurrency, args)
-                        runs.setdefault((load, route), []).append(result)
+    with (
+        tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp,
+        coalesce(config(), Path(tmp)) as proxy,
+    ):
+        time.sleep(2)  # the workers load the models
+        for _ in range(args.repeats):
+            for load, rows, concurrency in LOADS:
+                for route in config()["backends"]:
+                    result = measure(proxy.url, proxy.proc.pid, route, rows, concurrency, args)
+                    runs.setdefault((load, route), []).append(result)
     table = []
     for (load, route), results in runs.items():
         row = {"load": load, "backend": route, "runs": results}

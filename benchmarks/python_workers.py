@@ -90,7 +90,14 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
-def measure(url: str, pid: int, requests: list[bytes], expected: list[bytes], args) -> dict:
+def measure(
+    url: str,
+    pid: int,
+    requests: list[bytes],
+    expected: list[bytes],
+    args,
+    concurrency: int = CONCURRENCY,
+) -> dict:
     """One closed-loop load generator run, with the sidecar's and its workers' CPU."""
     result: dict = {}
     run = threading.Thread(
@@ -100,7 +107,7 @@ def measure(url: str, pid: int, requests: list[bytes], expected: list[bytes], ar
                 METHOD,
                 requests,
                 expected,
-                concurrency=CONCURRENCY,
+                concurrency=concurrency,
                 connections=4,
                 duration=args.duration,
                 warmup=args.warmup,

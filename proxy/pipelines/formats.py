@@ -54,7 +54,7 @@ def encode(
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The answer's bytes, and the headers it needs (binary data after a JSON header)."""
     if kind == "kserve-json":
-        body, length = rest.encode_body(model, version, decoded.request.id, outputs, decoded.answer)
+        body, length = rest.encode(model, version, decoded.request.id, outputs, decoded.answer)
         return body, [] if length is None else [(HEADER_LENGTH, str(length).encode())]
     message, names = decoded.answer
     return kserve.encode(message, version, outputs, names), []

@@ -212,24 +212,6 @@ def encode(
     outputs: Tensors,
     wanted: Wanted,
     shared: SharedMemory | None = None,
-) -> web.Response:
-    body, header_length = encode_body(model, version, request_id, outputs, wanted, shared)
-    if header_length is None:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(
-        body=body,
-        content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(header_length)},
-    )
-
-
-def encode_body(
-    model: str,
-    version: str,
-    request_id: str,
-    outputs: Tensors,
-    wanted: Wanted,
-    shared: SharedMemory | None = None,
 ) -> tuple[bytes, int | None]:
     """The answer's bytes, and the JSON header's length when binary data follows it
     (the body a broker pipeline publishes too)."""
@@ -414,7 +396,14 @@ class KServeREST:
         wanted = requested_outputs(document, backend.info(), name)
         outputs = await backend.infer(decoded)
         version = version or backend.info().versions[0]
-        return encode(name, version, decoded.id, outputs, wanted, self.shared)
+        body, header_length = encode(name, version, decoded.id, outputs, wanted, self.shared)
+        if header_length is None:
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(
+            body=body,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
 
     def routes(self) -> list[web.RouteDef]:
         model = "/v2/models/{name}"
