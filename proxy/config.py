@@ -806,8 +806,74 @@ class KafkaSource(_Strict):
     )
 
 
+    @property
+    def inbox(self) -> str:
+        return self.topic
+
+
+class RedisSource(_Strict):
+    """A Redis stream read by a consumer group (XREADGROUP, through redis-py's asyncio
+    client). Entries hold the message in field `value` (and optionally `key`); every
+    other field is a header."""
+
+    type: Literal["redis"]
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        min_length=1,
+        description="redis:// or rediss:// (TLS) URL, with the database and any credentials.",
+    )
+    stream: str = Field(min_length=1, description="The inbox stream.")
+    group: str = Field(
+        min_length=1, description="The consumer group: instances in one group share entries."
+    )
+    consumer: str | None = Field(
+        None,
+        min_length=1,
+        description="This instance's consumer name in the group; default the hostname (the "
+        "pod's name). A restarted instance with the same name takes up its own pending entries "
+        "at once; set it when several instances share a host.",
+    )
+    claim_idle_ms: int = Field(
+        30_000,
+        ge=100,
+        description="Entries pending this long on another consumer (a dead instance) are "
+        "claimed by this one (XAUTOCLAIM).",
+    )
+
+    @property
+    def inbox(self) -> str:
+        return self.stream
+
+
+class NatsSource(_Strict):
+    """A NATS JetStream stream read by a durable pull consumer (nats-py)."""
+
+    type: Literal["nats"]
+    servers: list[str] = Field(
+        default_factory=lambda: ["nats://127.0.0.1:4222"],
+        min_length=1,
+        description="NATS server URLs (nats:// or tls://).",
+    )
+    stream: str = Field(min_length=1, description="The JetStream stream holding the inbox.")
+    subject: str = Field(min_length=1, description="The inbox subject (wildcards allowed).")
+    durable: str = Field(
+        min_length=1,
+        description="The durable consumer's name: instances with the same one share its messages.",
+    )
+    ack_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="A message not acked this long (its instance died) is delivered again.",
+    )
+
+    @property
+    def inbox(self) -> str:
+        return self.subject
+
+
 class Outbox(_Strict):
-    """Where results (or rejected messages) are published, on the source's broker."""
+    """Where results (or rejected messages) are published, on the source's broker: a
+    Kafka topic, a Redis stream, or a NATS subject that a JetStream stream captures."""
 
     topic: str = Field(min_length=1)
 
@@ -816,7 +882,7 @@ class Pipeline(_Strict):
     """Inference requests from a broker's inbox, batched with the route's other callers,
     results to its outbox (coalesce.pipelines)."""
 
-    source: KafkaSource
+    source: KafkaSource | RedisSource | NatsSource = Field(discriminator="type")
     format: Literal["kserve-json", "kserve-proto"] = Field(
         "kserve-json",
         description="A message's value: the KServe v2 REST body (JSON, binary data allowed with "
@@ -831,11 +897,21 @@ class Pipeline(_Strict):
     )
     delivery: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
-        description="exactly_once: results and input offsets commit in one Kafka transaction.",
+        description="exactly_once (Kafka only): results and input offsets commit in one Kafka "
+        "transaction. Redis adds results and acks inputs atomically (MULTI/EXEC) either way; "
+        "NATS de-duplicates republished results by their Nats-Msg-Id.",
     )
     max_in_flight: int = Field(
         10_000, ge=1, description="Most messages between consume and commit."
     )
+
+    @model_validator(mode="after")
+    def _check_delivery(self) -> Pipeline:
+        if self.delivery == "exactly_once" and self.source.type != "kafka":
+            raise ConfigError(
+                [f"delivery: exactly_once needs a kafka source, not {self.source.type}"]
+            )
+        return self
 
 
 class Config(_Strict):

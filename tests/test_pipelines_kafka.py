@@ -8,12 +8,9 @@ pipeline would.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,6 +24,17 @@ pytest.importorskip("confluent_kafka")
 from confluent_kafka import Consumer, Producer
 
 from tests.support.kafka import Broker
+from tests.support.pipelines import (
+    batch_totals,
+    check_answer,
+    messages,
+    prometheus,
+    readyz,
+    reload,
+    request_body,
+    rows,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,15 +70,6 @@ def pipeline_config(broker: Broker, topic: str = "requests", **fields) -> dict:
             }
         },
     }
-
-
-def rows(count: int) -> np.ndarray:
-    return np.arange(count * 4, dtype=np.float32).reshape(count, 4) / 7
-
-
-def request_body(x: np.ndarray, request_id: str) -> bytes:
-    tensor = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
-    return json.dumps({"id": request_id, "inputs": [tensor]}).encode()
 
 
 def produce(broker: Broker, values: list[tuple[str, bytes]], topic: str = "requests") -> None:
@@ -128,44 +127,11 @@ def read_every(broker: Broker, topic: str, x_of: dict, timeout: float = 60) -> l
     return found
 
 
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def check_result(record, x_of: dict[str, np.ndarray]) -> str:
-    """The record answers its own request: same key, its headers, value by value."""
+    """The record answers its own request: same key (so same partition), its headers,
+    value by value."""
     key = record.key().decode()
-    headers = dict(record.headers())
-    assert headers["trace"] == key.encode()
-    assert headers["coalesce-request-id"] == key.encode()
-    assert headers["coalesce-source"].startswith(b"requests/")
-    answer = json.loads(record.value())
-    assert answer["id"] == key and answer["model_name"] == "affine"
-    outputs = {
-        o["name"]: np.array(o["data"], dtype=np.float32).reshape(o["shape"])
-        for o in answer["outputs"]
-    }
-    expected = affine_expected(x_of[key])
-    np.testing.assert_allclose(outputs["y"], expected["y"], rtol=1e-6)
-    np.testing.assert_allclose(outputs["s"], expected["s"], rtol=1e-5)
-    return key
-
-
-def readyz(proxy: Process) -> dict:
-    try:
-        with urllib.request.urlopen(f"http://{proxy.admin}/readyz", timeout=5) as answer:
-            return json.load(answer)
-    except urllib.error.HTTPError as error:
-        return json.load(error)
-
-
-def messages(count: int) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
-    xs = rows(count)
-    keyed = {f"r{i}": xs[i : i + 1] for i in range(count)}
-    return [(k, request_body(x, k)) for k, x in keyed.items()], keyed
+    return check_answer(key, dict(record.headers()), record.value(), x_of, "requests")
 
 
 def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
@@ -207,27 +173,6 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     batches, rows_in_batches = batch_totals(proxy, "affine")
     assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
     assert rows_in_batches / batches > 3, "messages that queued together share batches"
-
-
-def prometheus(proxy: Process, sample: str) -> float:
-    """One sample's value from /metrics."""
-    with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5) as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {sample} in /metrics")
-
-
-def batch_totals(proxy: Process, backend: str) -> tuple[float, float]:
-    """(backend calls, rows in them) from the Prometheus histogram coalesce_batch_size."""
-    with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    found = {}
-    for line in text.splitlines():
-        for suffix in ("count", "sum"):
-            if line.startswith(f'coalesce_batch_size_{suffix}{{backend="{backend}"}}'):
-                found[suffix] = float(line.rsplit(" ", 1)[1])
-    return found["count"], found["sum"]
 
 
 def test_bad_messages_go_to_the_dead_letter_topic_with_their_error(broker, coalesce_process):
@@ -402,27 +347,17 @@ def test_an_unreachable_broker_makes_the_pipeline_not_ready_until_it_is_back(
 
 
 def test_a_reload_adds_and_removes_pipelines(broker, coalesce_process):
-    import yaml
-
     broker.create_topics("requests", "results", "rejected")
     config = pipeline_config(broker)
     pipelines = config.pop("pipelines")
     proxy = coalesce_process(config)
     assert "pipelines" not in readyz(proxy)
-
-    def reload(data: dict) -> None:
-        current = yaml.safe_load(proxy.config.read_text())
-        proxy.config.write_text(yaml.safe_dump({**current, **data}))
-        request = urllib.request.Request(f"http://{proxy.admin}/reload", method="POST")
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            assert answer.status == 200
-
-    reload({"pipelines": pipelines})
+    reload(proxy, {"pipelines": pipelines})
     values, x_of = messages(50)
     produce(broker, values)
     results = read(broker, "results", len(values), timeout=30)
     assert sorted(check_result(r, x_of) for r in results) == sorted(x_of)
-    reload({"pipelines": {}})
+    reload(proxy, {"pipelines": {}})
     assert "pipelines" not in readyz(proxy)
     assert "pipeline scores: removed" in proxy.output()
     assert "pipeline scores: added" in proxy.output()

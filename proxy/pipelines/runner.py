@@ -41,7 +41,11 @@ TRANSIENT = frozenset(
     }
 )
 MAX_BACKOFF_S = 5.0
-CONNECTORS = {"kafka": ("coalesce.pipelines.kafka", "KafkaConnector", "kafka")}
+CONNECTORS = {
+    "kafka": ("coalesce.pipelines.kafka", "KafkaConnector", "kafka"),
+    "redis": ("coalesce.pipelines.redis", "RedisConnector", "redis"),
+    "nats": ("coalesce.pipelines.nats", "NatsConnector", "nats"),
+}
 """source type -> (module, class, the `pip install coalesce[...]` extra it needs)."""
 
 
@@ -54,7 +58,8 @@ class Message:
     headers: list[tuple[str, bytes]]
     topic: str
     partition: int
-    offset: int
+    offset: int | str  # a Redis entry id is a string
+    ref: Any = None  # the connector's own handle (a NATS message to ack)
 
     @property
     def coordinates(self) -> str:
@@ -366,7 +371,7 @@ class Pipelines:
         runner.start()
         self.running[name] = runner
         log.info(
-            "pipeline %s: %s -> %s -> %s", name, spec.source.topic, spec.route, spec.sink.topic
+            "pipeline %s: %s -> %s -> %s", name, spec.source.inbox, spec.route, spec.sink.topic
         )
 
     async def update(self, specs: dict[str, Pipeline], grace: float) -> list[str]:

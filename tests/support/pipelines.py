@@ -1,0 +1,98 @@
+"""What the pipeline tests of every broker share: requests as messages, the check that a
+result answers its own request, and the sidecar's /readyz and /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from tests.client import affine_expected
+from tests.support.coalesce import Process
+
+
+def rows(count: int) -> np.ndarray:
+    return np.arange(count * 4, dtype=np.float32).reshape(count, 4) / 7
+
+
+def request_body(x: np.ndarray, request_id: str) -> bytes:
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    return json.dumps({"id": request_id, "inputs": [tensor]}).encode()
+
+
+def messages(count: int) -> tuple[list[tuple[str, bytes]], dict[str, np.ndarray]]:
+    """`count` one-row requests as (key, KServe JSON body), and each key's input."""
+    xs = rows(count)
+    keyed = {f"r{i}": xs[i : i + 1] for i in range(count)}
+    return [(k, request_body(x, k)) for k, x in keyed.items()], keyed
+
+
+def check_answer(
+    key: str, headers: dict[str, bytes], value: bytes, x_of: dict[str, np.ndarray], inbox: str
+) -> str:
+    """A result answers its own request: its headers, where it came from, value by value."""
+    assert headers["trace"] == key.encode()
+    assert headers["coalesce-request-id"] == key.encode()
+    assert headers["coalesce-source"].startswith(f"{inbox}/".encode())
+    answer = json.loads(value)
+    assert answer["id"] == key and answer["model_name"] == "affine"
+    outputs = {
+        o["name"]: np.array(o["data"], dtype=np.float32).reshape(o["shape"])
+        for o in answer["outputs"]
+    }
+    expected = affine_expected(x_of[key])
+    np.testing.assert_allclose(outputs["y"], expected["y"], rtol=1e-6)
+    np.testing.assert_allclose(outputs["s"], expected["s"], rtol=1e-5)
+    return key
+
+
+def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def readyz(proxy: Process) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://{proxy.admin}/readyz", timeout=5) as answer:
+            return json.load(answer)
+    except urllib.error.HTTPError as error:
+        return json.load(error)
+
+
+def metrics(proxy: Process) -> str:
+    with urllib.request.urlopen(f"http://{proxy.admin}/metrics", timeout=5) as answer:
+        return answer.read().decode()
+
+
+def prometheus(proxy: Process, sample: str) -> float:
+    """One sample's value from /metrics."""
+    for line in metrics(proxy).splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {sample} in /metrics")
+
+
+def batch_totals(proxy: Process, backend: str) -> tuple[float, float]:
+    """(backend calls, rows in them) from the Prometheus histogram coalesce_batch_size."""
+    found = {}
+    for line in metrics(proxy).splitlines():
+        for suffix in ("count", "sum"):
+            if line.startswith(f'coalesce_batch_size_{suffix}{{backend="{backend}"}}'):
+                found[suffix] = float(line.rsplit(" ", 1)[1])
+    return found["count"], found["sum"]
+
+
+def reload(proxy: Process, data: dict) -> None:
+    """Rewrite the sidecar's config with `data` merged in and POST /reload."""
+    import yaml
+
+    current = yaml.safe_load(proxy.config.read_text())
+    proxy.config.write_text(yaml.safe_dump({**current, **data}))
+    request = urllib.request.Request(f"http://{proxy.admin}/reload", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200
