@@ -1,0 +1,252 @@
+"""Redis Streams pipelines: inbox stream -> the route's batcher -> outbox stream, through
+real `coalesce serve` and a real redis-server (Debian's), with redis-py on the test side
+as a team's producer and reader would use it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from tests.client import inputs
+from tests.support.coalesce import Process
+from tests.support.pipelines import (
+    batch_totals,
+    check_answer,
+    messages,
+    readyz,
+    reload,
+    request_body,
+    rows,
+    until,
+)
+
+pytest.importorskip("redis")
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    started = RedisServer()
+    yield started
+    started.close()
+
+
+def pipeline_config(server: RedisServer, delay_ms: float = 0.0, **source) -> dict:
+    return {
+        "backends": {
+            "affine": {
+                "type": "local",
+                "model": "tests.models:affine",
+                "args": {"delay_ms": delay_ms},
+            }
+        },
+        "routes": [{"model": "affine", "backend": "affine"}],
+        "pipelines": {
+            "scores": {
+                "source": {
+                    "type": "redis",
+                    "url": server.url,
+                    "stream": "requests",
+                    "group": "coalesce-scores",
+                    **source,
+                },
+                "route": "affine",
+                "sink": {"topic": "results"},
+                "dead_letter": {"topic": "rejected"},
+            }
+        },
+    }
+
+
+def add(server: RedisServer, values: list[tuple[str, bytes]], stream: str = "requests") -> None:
+    """XADD each request as a producer would: the body in `value`, its key, a header."""
+    client = server.client()
+    pipe = client.pipeline(transaction=False)
+    for key, value in values:
+        pipe.xadd(stream, {"value": value, "key": key, "trace": key})
+    pipe.execute()
+
+
+def read(server: RedisServer, stream: str, count: int, timeout: float = 60) -> list[dict]:
+    """The entries of `stream` once it holds `count` (or when `timeout` runs out)."""
+    client = server.client()
+    end = time.monotonic() + timeout
+    while client.xlen(stream) < count and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.3)  # anything more than `count` would show now
+    return [fields for _, fields in client.xrange(stream)]
+
+
+def check_entry(fields: dict[bytes, bytes], x_of: dict[str, np.ndarray]) -> str:
+    key = fields[b"key"].decode()
+    headers = {k.decode(): v for k, v in fields.items() if k not in (b"value", b"key")}
+    return check_answer(key, headers, fields[b"value"], x_of, "requests")
+
+
+def pending(server: RedisServer) -> int:
+    return server.client().xpending("requests", "coalesce-scores")["pending"]
+
+
+def status(proxy: Process) -> dict:
+    return readyz(proxy)["pipelines"]["scores"]
+
+
+def test_every_entry_gets_its_own_result_and_grpc_callers_share_the_batcher(
+    server, coalesce_process
+):
+    proxy = coalesce_process(pipeline_config(server))
+    values, x_of = messages(2000)
+    stop = threading.Event()
+    grpc_answers: list[int] = []
+
+    def grpc_caller() -> None:  # a request/reply client on the same route meanwhile
+        with tc.InferenceServerClient(proxy.url) as client:
+            while not stop.is_set():
+                x = rows(1) + len(grpc_answers)
+                y = client.infer("affine", inputs(x=x)).as_numpy("y")
+                np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
+                grpc_answers.append(1)
+
+    caller = threading.Thread(target=grpc_caller)
+    caller.start()
+    try:
+        add(server, values)
+        results = read(server, "results", len(values))
+    finally:
+        stop.set()
+        caller.join()
+    keys = [check_entry(fields, x_of) for fields in results]
+    assert sorted(keys) == sorted(x_of), "each request answered once"
+    assert grpc_answers
+    until(lambda: status(proxy)["lag"] == {"0": 0}, "lag 0 once everything is acknowledged")
+    assert pending(server) == 0
+    found = status(proxy)
+    assert found["ready"] and found["consumed"] == found["published"] == len(values)
+    batches, rows_in_batches = batch_totals(proxy, "affine")
+    assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
+    assert rows_in_batches / batches > 3, "entries that queued together share batches"
+
+
+def test_a_kill_9_mid_stream_leaves_each_result_exactly_once(server, coalesce_process):
+    """Results are added in the same atomic script that acknowledges their inputs, so a
+    `kill -9` leaves each entry either answered and acknowledged or pending; the
+    restarted instance (same consumer name) reads its own pending entries first."""
+    config = pipeline_config(server, delay_ms=5, consumer="scores-0")
+    config["pipelines"]["scores"]["max_in_flight"] = 200
+    values, x_of = messages(4000)
+    add(server, values)
+    first = coalesce_process(config)
+    until(lambda: status(first)["published"] >= 1000, "the pipeline does not move")
+    first.proc.send_signal(signal.SIGKILL)  # mid-stream: a cycle is in flight
+    first.proc.wait()
+    assert pending(server) > 0, "the killed instance held entries it had not answered"
+    second = coalesce_process(config)
+    results = read(server, "results", len(values))
+    keys = [check_entry(fields, x_of) for fields in results]
+    assert len(keys) == len(values) and sorted(keys) == sorted(x_of), "each exactly once"
+    assert status(second)["consumed"] < len(values), "resumed, not redone"
+    until(lambda: pending(server) == 0, "nothing left pending")
+
+
+def test_entries_of_a_killed_instance_are_claimed_by_the_other(server, coalesce_process):
+    """Two instances share the group; one is killed and never comes back: its pending
+    entries are claimed (XAUTOCLAIM) by the other after claim_idle_ms, nothing is lost."""
+    a = coalesce_process(pipeline_config(server, delay_ms=5, consumer="a", claim_idle_ms=1000))
+    b = coalesce_process(pipeline_config(server, delay_ms=5, consumer="b", claim_idle_ms=1000))
+    values, x_of = messages(4000)
+    add(server, values)
+    until(lambda: status(a)["published"] and status(b)["published"], "both should be working")
+    client = server.client()
+    while True:  # freeze b while it holds entries, so that it dies holding them
+        b.proc.send_signal(signal.SIGSTOP)
+        held = client.xpending_range("requests", "coalesce-scores", "-", "+", 10, "b")
+        if held:
+            break
+        b.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait()
+    results = read(server, "results", len(values))
+    keys = [check_entry(fields, x_of) for fields in results]
+    assert sorted(keys) == sorted(x_of), "every request answered, each once"
+    assert "claimed" in a.output()
+    until(lambda: pending(server) == 0, "nothing left pending")
+
+
+def test_an_entry_claimed_from_a_slow_live_instance_is_answered_once(server, coalesce_process):
+    """With a model slower than claim_idle_ms, each instance claims entries the other is
+    still working on, so both answer some entries: only the first answer is added."""
+    configs = []
+    for name in ("a", "b"):
+        configs.append(pipeline_config(server, delay_ms=400, consumer=name, claim_idle_ms=100))
+        configs[-1]["pipelines"]["scores"]["max_in_flight"] = 20
+    a, b = (coalesce_process(c) for c in configs)
+    values, x_of = messages(300)
+    add(server, values)
+    until(lambda: pending(server) == 0, "nothing left pending", 90)
+    results = read(server, "results", len(values))
+    keys = [check_entry(fields, x_of) for fields in results]
+    answered = status(a)["published"] + status(b)["published"]
+    print(f"\n{answered} answers computed for {len(values)} entries, {len(keys)} added")
+    assert answered > len(values), "the instances should have answered some entries twice"
+    assert sorted(keys) == sorted(x_of), "each result added once"
+
+
+def test_bad_entries_go_to_the_dead_letter_stream_with_their_error(server, coalesce_process):
+    proxy = coalesce_process(pipeline_config(server))
+    good, x_of = messages(20)
+    bad = [
+        ("not-json", b"{nope"),
+        ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
+        ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),  # model raises
+    ]
+    add(server, [*good[:10], *bad, *good[10:]])
+    results = read(server, "results", len(good))
+    assert sorted(check_entry(fields, x_of) for fields in results) == sorted(x_of)
+    rejected = {f[b"key"].decode(): f for f in read(server, "rejected", len(bad))}
+    assert set(rejected) == {k for k, _ in bad}
+    for key, value in bad:
+        assert rejected[key][b"value"] == value, "the original message, for a replay"
+        assert rejected[key][b"coalesce-source"].startswith(b"requests/0/")
+        assert rejected[key][b"trace"] == key.encode()
+    assert rejected["not-json"][b"coalesce-status"] == b"INVALID_ARGUMENT"
+    assert b"message value" in rejected["not-json"][b"coalesce-error"]
+    assert b"'z'" in rejected["wrong-tensor"][b"coalesce-error"]
+    assert status(proxy)["dead_lettered"] == len(bad)
+    until(lambda: pending(server) == 0, "rejected entries are acknowledged too")
+
+
+def test_a_stopped_redis_makes_the_pipeline_not_ready_until_it_is_back(server, coalesce_process):
+    proxy = coalesce_process(pipeline_config(server))
+    values, x_of = messages(200)
+    add(server, values[:100])
+    assert len(read(server, "results", 100, timeout=30)) == 100
+    assert readyz(proxy)["ready"]
+    server.stop()
+    until(lambda: not status(proxy)["ready"], "a pipeline without its broker is not ready", 30)
+    assert readyz(proxy)["ready"] is False
+    server.start()  # same port, same append-only file
+    add(server, values[100:])
+    results = read(server, "results", len(values))
+    assert sorted(check_entry(fields, x_of) for fields in results) == sorted(x_of)
+    until(lambda: readyz(proxy)["ready"], "ready again")
+
+
+def test_a_reload_adds_a_redis_pipeline(server, coalesce_process):
+    config = pipeline_config(server)
+    pipelines = config.pop("pipelines")
+    proxy = coalesce_process(config)
+    reload(proxy, {"pipelines": pipelines})
+    values, x_of = messages(50)
+    add(server, values)
+    results = read(server, "results", len(values), timeout=30)
+    assert sorted(check_entry(fields, x_of) for fields in results) == sorted(x_of)
+    assert "pipeline scores: added" in proxy.output()
