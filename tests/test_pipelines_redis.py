@@ -95,6 +95,20 @@ def pending(server: RedisServer) -> int:
     return server.client().xpending("requests", "coalesce-scores")["pending"]
 
 
+def kill_holding(proxy: Process, server: RedisServer, consumer: str) -> None:
+    """`kill -9` mid-cycle: frozen (SIGSTOP) at a moment it holds entries it has not
+    answered, then killed, so that it dies holding them."""
+    client = server.client()
+    while True:
+        proxy.proc.send_signal(signal.SIGSTOP)
+        if client.xpending_range("requests", "coalesce-scores", "-", "+", 10, consumer):
+            break
+        proxy.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait()
+
+
 def status(proxy: Process) -> dict:
     return readyz(proxy)["pipelines"]["scores"]
 
@@ -145,9 +159,7 @@ def test_a_kill_9_mid_stream_leaves_each_result_exactly_once(server, coalesce_pr
     add(server, values)
     first = coalesce_process(config)
     until(lambda: status(first)["published"] >= 1000, "the pipeline does not move")
-    first.proc.send_signal(signal.SIGKILL)  # mid-stream: a cycle is in flight
-    first.proc.wait()
-    assert pending(server) > 0, "the killed instance held entries it had not answered"
+    kill_holding(first, server, "scores-0")
     second = coalesce_process(config)
     results = read(server, "results", len(values))
     keys = [check_entry(fields, x_of) for fields in results]
@@ -164,16 +176,7 @@ def test_entries_of_a_killed_instance_are_claimed_by_the_other(server, coalesce_
     values, x_of = messages(4000)
     add(server, values)
     until(lambda: status(a)["published"] and status(b)["published"], "both should be working")
-    client = server.client()
-    while True:  # freeze b while it holds entries, so that it dies holding them
-        b.proc.send_signal(signal.SIGSTOP)
-        held = client.xpending_range("requests", "coalesce-scores", "-", "+", 10, "b")
-        if held:
-            break
-        b.proc.send_signal(signal.SIGCONT)
-        time.sleep(0.01)
-    b.proc.send_signal(signal.SIGKILL)
-    b.proc.wait()
+    kill_holding(b, server, "b")
     results = read(server, "results", len(values))
     keys = [check_entry(fields, x_of) for fields in results]
     assert sorted(keys) == sorted(x_of), "every request answered, each once"

@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+import numpy as np
 from coalesce.config import Pipeline
-from coalesce.core.router import Router, StartupError
+from coalesce.core import batching
+from coalesce.core.request import InferRequest
+from coalesce.core.router import Backend, Router, StartupError
 from coalesce.errors import CoalesceError, ResourceExhausted
 
 from . import formats
@@ -251,63 +254,143 @@ class Runner:
         decoded: dict[int, formats.Decoded],
         out: list[Outgoing | None],
     ) -> list[int]:
-        route, kind = self.spec.route, self.spec.format
+        """Settle each pending message (answered or dead-lettered); return those to retry.
+
+        Messages that can share a batch go to the batcher as chunks of one batch each,
+        not one by one: a backlog costs the batcher a future per batch instead of per
+        message. A chunk the backend rejects is tried again message by message, so one
+        bad message fails only itself (as the batcher's halving does for callers)."""
         try:
-            backend = self.router.get(route)
+            backend = self.router.get(self.spec.route)
         except CoalesceError:
             return pending
-        info = backend.info()
-        # Leave room in the batcher's queue for other callers: at most half of it ours.
-        room = asyncio.Semaphore(max(1, backend.batcher.max_queue // 2))
-        futures: dict[int, asyncio.Future[Any]] = {}
         retry: list[int] = []
+        chunks = self._chunks(taken, pending, decoded, out, backend)
+        alone = await self._submit(backend, chunks, taken, decoded, out, retry)
+        if alone:
+            await self._submit(backend, [[i] for i in alone], taken, decoded, out, retry)
+        return sorted(retry)
+
+    def _chunks(
+        self,
+        taken: list[Message],
+        pending: list[int],
+        decoded: dict[int, formats.Decoded],
+        out: list[Outgoing | None],
+        backend: Backend,
+    ) -> list[list[int]]:
+        """Decode what is not yet decoded (the undecodable are dead letters) and cut the
+        rest into chunks of at most one batch. Requests with parameters or a deadline
+        travel alone: the batcher decides what they may share."""
+        route, kind, info = self.spec.route, self.spec.format, backend.info()
+        batcher = backend.batcher
+        capacity = batcher.capacity()
+        groups: dict[tuple, list[int]] = {}
+        chunks: list[list[int]] = []
         for i in pending:
-            message = taken[i]
             if i not in decoded:
                 try:
-                    decoded[i] = formats.decode(kind, message.value, message.headers, route, info)
-                    decoded[i].request.route = route
+                    decoded[i] = formats.decode(kind, taken[i].value, taken[i].headers, route, info)
                 except CoalesceError as exc:
-                    out[i] = self._dead(message, exc)
+                    out[i] = self._dead(taken[i], exc)
                     continue
-            if decoded[i].request.rows > backend.batcher.max_queue:  # would never fit
+                decoded[i].request.route = route
+            request = decoded[i].request
+            if request.rows > batcher.max_queue:  # would never fit
                 error = ResourceExhausted(
-                    f"request has {decoded[i].request.rows} rows, more than backend "
-                    f"'{backend.name}' queues (max_queue {backend.batcher.max_queue})"
+                    f"request has {request.rows} rows, more than backend "
+                    f"'{backend.name}' queues (max_queue {batcher.max_queue})"
                 )
-                out[i] = self._dead(message, error)
-                continue
+                out[i] = self._dead(taken[i], error)
+            elif request.parameters or request.deadline is not None or request.rows >= capacity:
+                chunks.append([i])
+            else:
+                groups.setdefault(batching.signature(request.inputs), []).append(i)
+        for members in groups.values():
+            chunk: list[int] = []
+            rows = 0
+            for i in members:
+                count = decoded[i].request.rows
+                if rows + count > capacity:
+                    chunks.append(chunk)
+                    chunk, rows = [], 0
+                chunk.append(i)
+                rows += count
+            chunks.append(chunk)
+        return chunks
+
+    async def _submit(
+        self,
+        backend: Backend,
+        chunks: list[list[int]],
+        taken: list[Message],
+        decoded: dict[int, formats.Decoded],
+        out: list[Outgoing | None],
+        retry: list[int],
+    ) -> list[int]:
+        """Submit each chunk, wait for all, settle their messages; return the members of
+        chunks of several that failed for good (to be tried alone)."""
+        # Leave room in the batcher's queue for other callers: at most half of it ours.
+        batcher = backend.batcher
+        room = asyncio.Semaphore(max(1, batcher.max_queue // 2 // max(1, batcher.capacity())))
+        futures: list[tuple[list[int], asyncio.Future[Any]]] = []
+        alone: list[int] = []
+        for chunk in chunks:
             await room.acquire()
             try:
-                future = backend.submit(decoded[i].request)
+                future = backend.submit(self._request(chunk, decoded))
             except CoalesceError as exc:
                 room.release()
-                if exc.code in TRANSIENT:
-                    retry.append(i)
-                else:
-                    out[i] = self._dead(message, exc)
+                self._failed(chunk, exc, taken, out, retry, alone)
                 continue
             future.add_done_callback(lambda _: room.release())
-            futures[i] = future
+            futures.append((chunk, future))
         if futures:
-            await asyncio.wait(futures.values())
+            await asyncio.wait([f for _, f in futures])
+        info = backend.info()
         version = info.versions[0] if info.versions else ""
-        for i, future in futures.items():
+        route, kind = self.spec.route, self.spec.format
+        for chunk, future in futures:
             error = future.exception()
-            if error is None:
+            if error is not None:
+                self._failed(chunk, error, taken, out, retry, alone)
+                continue
+            counts = [decoded[i].request.rows for i in chunk]
+            parts = batching.split(future.result(), counts, backend.name)
+            for i, outputs in zip(chunk, parts, strict=True):
                 try:
-                    value, headers = formats.encode(
-                        kind, route, version, decoded[i], future.result()
-                    )
+                    value, headers = formats.encode(kind, route, version, decoded[i], outputs)
                 except CoalesceError as exc:
                     out[i] = self._dead(taken[i], exc)
                     continue
                 out[i] = Outgoing(taken[i], value, self._headers(taken[i], headers, decoded[i]))
-            elif isinstance(error, CoalesceError) and error.code not in TRANSIENT:
-                out[i] = self._dead(taken[i], error)
-            else:
-                retry.append(i)
-        return sorted(retry)
+        return alone
+
+    def _request(self, chunk: list[int], decoded: dict[int, formats.Decoded]) -> InferRequest:
+        """One message's request, or a chunk's rows as one request."""
+        if len(chunk) == 1:
+            return decoded[chunk[0]].request
+        parts = [decoded[i].request for i in chunk]
+        inputs = {n: np.concatenate([p.inputs[n] for p in parts]) for n in parts[0].inputs}
+        return InferRequest(inputs, sum(p.rows for p in parts), route=self.spec.route)
+
+    def _failed(
+        self,
+        chunk: list[int],
+        error: BaseException,
+        taken: list[Message],
+        out: list[Outgoing | None],
+        retry: list[int],
+        alone: list[int],
+    ) -> None:
+        """A transient failure is retried; a chunk's is tried message by message; a lone
+        message's is its dead letter."""
+        if not isinstance(error, CoalesceError) or error.code in TRANSIENT:
+            retry.extend(chunk)
+        elif len(chunk) > 1:
+            alone.extend(chunk)
+        else:
+            out[chunk[0]] = self._dead(taken[chunk[0]], error)
 
     @staticmethod
     def _headers(
