@@ -248,6 +248,12 @@ class _Backend(_Strict):
         default_factory=CircuitBreaker,
         description="Fail fast while the backend is down; null: requests queue regardless.",
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per output, a file of class labels, one per line by index (Triton's "
+        "label_filename): classification answers read value:index:label. For a Triton model "
+        "give the same file its config names.",
+    )
     forward_metadata: tuple[str, ...] = Field(
         (),
         description="Request metadata (gRPC) / header (HTTP) names passed on to the backend, "
@@ -259,6 +265,13 @@ class _Backend(_Strict):
     _check_forward = field_validator("forward_metadata")(
         classmethod(lambda cls, v: _check_forward(v))
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for path in value.values():
+            _check_file(path)
+        return value
 
     @model_validator(mode="after")
     def _forwardable(self) -> _Backend:

@@ -168,13 +168,18 @@ def output_placements(request) -> dict[str, Placement]:
     return found
 
 
-def requested_classes(request) -> dict[str, int]:
+Classes = dict[str, tuple[int, tuple[str, ...]]]
+"""Outputs asked for as classifications: how many classes, and the output's labels."""
+
+
+def requested_classes(request, info: ModelInfo) -> Classes:
     """Outputs asked for as classifications (`classification`: how many classes)."""
     found = {}
     for output in request.outputs:
         params = output.parameters
         if params and "classification" in params:
-            found[output.name] = class_count(params["classification"].int64_param, output.name)
+            count = class_count(params["classification"].int64_param, output.name)
+            found[output.name] = (count, info.labels.get(output.name, ()))
     return found
 
 
@@ -184,10 +189,13 @@ def class_count(value, output: str) -> int:
     return value
 
 
-def classify(array: np.ndarray, count: int, output: str) -> np.ndarray:
+def classify(
+    array: np.ndarray, count: int, output: str, labels: tuple[str, ...] = ()
+) -> np.ndarray:
     """Triton's classification extension: per row, the `count` largest values of the
     output (flattened, largest first, ties to the lower index) as BYTES b"value:index",
-    values written as C's %f for floating point. Labels are not added."""
+    values written as C's %f for floating point, and ":label" where the output's labels
+    name that index (as Triton adds a label_filename's, empty lines adding nothing)."""
     if array.dtype == object or array.ndim == 0:
         raise InvalidArgument(f"output '{output}': classification needs a numeric output")
     rows = array.reshape(len(array), -1)
@@ -199,5 +207,6 @@ def classify(array: np.ndarray, count: int, output: str) -> np.ndarray:
         for c, index in enumerate(picked):
             value = row[index]
             text = f"{float(value):f}" if floating else str(int(value))
-            result[r, c] = f"{text}:{index}".encode()
+            label = labels[index] if index < len(labels) else ""
+            result[r, c] = (f"{text}:{index}:{label}" if label else f"{text}:{index}").encode()
     return result

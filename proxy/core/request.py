@@ -48,3 +48,5 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...] = ()
     platform: str = ""
     versions: tuple[str, ...] = field(default=("1",))
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, hash=False)
+    """Class labels per output, by index (config `labels`), for classification answers."""

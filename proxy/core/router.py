@@ -7,9 +7,11 @@ several client pipelines coalesce into the same batches.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from coalesce.config import Backend as BackendSpec
 from coalesce.config import Config
@@ -110,6 +112,7 @@ class Backend:
         self._route_stats: dict[str, RouteStats] = {}
         self.tracer: Tracer | None = None  # see config `tracing`
         self._released = False
+        self.labels: dict[str, tuple[str, ...]] = {}  # see config `labels`
         self._time = time.perf_counter  # latencies; uvloop's loop.time() ticks in ms
 
     async def infer(self, request: InferRequest) -> Tensors:
@@ -193,7 +196,10 @@ class Backend:
         return ()
 
     def info(self) -> ModelInfo:
-        return self.adapter.info()
+        info = self.adapter.info()
+        if self.labels and not info.labels:
+            info = dataclasses.replace(info, labels=self.labels)
+        return info
 
     def route_stats(self, route: str) -> RouteStats | None:
         """What the callers of `route` on this backend saw (None before the first)."""
@@ -290,6 +296,10 @@ class Router:
         fail_fast_after = breaker.failed_probes if breaker else None
         backend = Backend(name, adapter, batcher, self.metrics, fail_fast_after=fail_fast_after)
         backend.count = self.config.metrics
+        backend.labels = {
+            output: tuple(Path(path).read_text().splitlines())
+            for output, path in spec.labels.items()
+        }
         backend.tracer = batcher.tracer = self.tracer
         return backend
 

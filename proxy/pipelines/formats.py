@@ -46,7 +46,12 @@ def decode(
     except Exception:  # protobuf's DecodeError, and whatever a hostile value provokes
         raise InvalidArgument("message value: not a serialized ModelInferRequest") from None
     request = kserve.decode(message, None)
-    return Decoded(request, (message, kserve.requested_outputs(message, info)))
+    classes = None
+    if message.outputs:
+        if kserve.output_placements(message):
+            raise InvalidArgument("outputs: shared memory is not served to pipelines")
+        classes = kserve.requested_classes(message, info)
+    return Decoded(request, (message, kserve.requested_outputs(message, info), classes))
 
 
 def encode(
@@ -56,5 +61,10 @@ def encode(
     if kind == "kserve-json":
         body, length = rest.encode(model, version, decoded.request.id, outputs, decoded.answer)
         return body, [] if length is None else [(HEADER_LENGTH, str(length).encode())]
-    message, names = decoded.answer
+    message, names, classes = decoded.answer
+    if classes:
+        outputs = dict(outputs)
+        for name, (count, labels) in classes.items():
+            if name in outputs:
+                outputs[name] = kserve.classify(outputs[name], count, name, labels)
     return kserve.encode(message, version, outputs, names), []

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import grpc
 from coalesce.codecs.kserve import (
+    Classes,
     Placement,
     classify,
     decode,
@@ -34,15 +35,15 @@ class Call(NamedTuple):
     version: str
     placed: dict[str, Placement] | None  # outputs that go into shared memory
     shared: SharedMemory | None
-    classes: dict[str, int] | None  # outputs asked for as classifications
+    classes: Classes | None  # outputs asked for as classifications
 
     def answer(self, message, outputs: Tensors) -> bytes:
         """The serialized ModelInferResponse to `message`."""
         if self.classes:
             outputs = dict(outputs)
-            for name, count in self.classes.items():
+            for name, (count, labels) in self.classes.items():
                 if name in outputs:
-                    outputs[name] = classify(outputs[name], count, name)
+                    outputs[name] = classify(outputs[name], count, name, labels)
         if not self.placed:
             return encode(message, self.version, outputs, self.names)
         write = self.shared.write  # type: ignore[union-attr]
@@ -74,7 +75,7 @@ def prepare(
         decoded.trace = carrier_of(context.invocation_metadata() or ())
     placed = classes = None
     if request.outputs:
-        placed, classes = output_placements(request), requested_classes(request)
+        placed, classes = output_placements(request), requested_classes(request, info)
         if placed and shared is None:
             raise InvalidArgument("outputs: shared memory is not served here")
     return Call(backend, decoded, names, version, placed, shared, classes)

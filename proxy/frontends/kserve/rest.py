@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 from coalesce.codecs.json_tensors import dumps, parse, to_array, to_json
-from coalesce.codecs.kserve import class_count, classify
+from coalesce.codecs.kserve import Classes, class_count, classify
 from coalesce.core import access
 from coalesce.core.request import InferRequest, ModelInfo, Tensors, TensorSpec
 from coalesce.core.router import Router
@@ -171,7 +171,7 @@ def _passed_on(parameters: dict) -> tuple:
     return tuple(sorted(found))
 
 
-Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]], dict[str, int]]
+Wanted = tuple[dict[str, bool], bool, dict[str, tuple[str, int, int]], Classes]
 
 
 def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
@@ -185,7 +185,7 @@ def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
     known = {spec.name for spec in info.outputs}
     wanted: dict[str, bool] = {}
     placed: dict[str, tuple[str, int, int]] = {}
-    classes: dict[str, int] = {}
+    classes: Classes = {}
     for entry in entries:
         if not isinstance(entry, dict):
             raise InvalidArgument("outputs: every entry must be an object")
@@ -197,7 +197,8 @@ def requested_outputs(document: dict, info: ModelInfo, model: str) -> Wanted:
             )
         parameters = _parameters(entry, f"output '{name}'")
         if "classification" in parameters:
-            classes[name] = class_count(parameters["classification"], name)
+            count = class_count(parameters["classification"], name)
+            classes[name] = (count, info.labels.get(name, ()))
         wanted[name] = bool(parameters.get("binary_data", default))
         place = _placement(parameters, f"output '{name}'")
         if place is not None:
@@ -227,7 +228,8 @@ def encode(
         if array is None:
             raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
         if name in classes:
-            array = classify(array, classes[name], name)
+            count, labels = classes[name]
+            array = classify(array, count, name, labels)
         shape = list(array.shape)
         if name in placed:
             datatype, raw = to_raw(array, name)
