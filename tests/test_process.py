@@ -106,3 +106,39 @@ def test_an_idle_server_exits_0_on_a_signal(coalesce_process, sig):
     proxy.proc.send_signal(sig)
     assert proxy.proc.wait(20) == 0
     assert "stopped" in proxy.output()
+
+
+@pytest.mark.parametrize("taken", ["listen", "admin"])
+def test_a_busy_port_is_one_clean_line_and_exit_1(taken):
+    """Another process holds the port: `serve` says so in one line, no traceback."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = f"127.0.0.1:{holder.getsockname()[1]}"
+    ports = {"listen": f"127.0.0.1:{free_port()}", "admin": f"127.0.0.1:{free_port()}"}
+    ports[taken] = busy
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coalesce.cli",
+                "serve",
+                "--listen",
+                ports["listen"],
+                "--admin",
+                ports["admin"],
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "cannot start" in errors[0] and busy.rpartition(":")[2] in errors[0]
+    assert "Traceback" not in done.stderr
