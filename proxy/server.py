@@ -101,6 +101,7 @@ class Server:
         self.aio_port = 0
         self._health_tasks: set[asyncio.Task] = set()
         self._publisher: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._tls: dict[str, ServerCertificates] = {}  # by listener: grpc, http, admin
         self._frozen = False  # see freeze_heap; run() only, never a test's shared heap
 
@@ -165,6 +166,7 @@ class Server:
                 ssl_context=self._ssl_context("http", self.config.tls),
             )
         await self.pipelines.start(self.config.pipelines)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_pipelines())
         host = self.config.listen.rpartition(":")[0]
         log.info(
             "serving %s on %s:%d (admin %s, http %s, grpc_aio_listen %s)",
@@ -211,6 +213,20 @@ class Server:
             except OSError as exc:
                 log.error("%s (the old files serve on)", exc)
 
+    async def _watch_pipelines(self) -> None:
+        """Each pipeline's readiness (its broker reachable) as gRPC health service
+        `pipeline/<name>`, checked twice a second; a removed pipeline is NOT_SERVING."""
+        shown: dict[str, bool] = {}
+        while True:
+            now = {name: runner.ready for name, runner in self.pipelines.running.items()}
+            for name in shown.keys() - now.keys():
+                now[name] = False
+            for name, ready in now.items():
+                if shown.get(name) != ready:
+                    await self.health.set(f"pipeline/{name}", SERVING if ready else NOT_SERVING)
+            shown = {n: r for n, r in now.items() if n in self.pipelines.running}
+            await asyncio.sleep(0.5)
+
     def _set_health(self, model: str, ready: bool) -> None:
         task = asyncio.get_running_loop().create_task(
             self.health.set(model, SERVING if ready else NOT_SERVING)
@@ -230,8 +246,9 @@ class Server:
         # Pipelines stop consuming, finish and commit their cycle, and leave their groups.
         stopping.append(self.pipelines.stop(grace))
         await asyncio.gather(*stopping)
-        if self._publisher is not None:
-            self._publisher.cancel()
+        for task in (self._publisher, self._watcher):
+            if task is not None:
+                task.cancel()
         await self.router.close()
         self.shared_memory.close()
         if self._admin is not None:

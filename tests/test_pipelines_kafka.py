@@ -27,6 +27,7 @@ from tests.support.kafka import Broker
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
+    health,
     messages,
     prometheus,
     readyz,
@@ -334,16 +335,19 @@ def test_an_unreachable_broker_makes_the_pipeline_not_ready_until_it_is_back(
     produce(broker, values[:100])
     assert len(read(broker, "results", 100, timeout=30, group="before")) == 100
     assert readyz(proxy)["ready"]
+    until(lambda: health(proxy, "pipeline/scores") == "SERVING", "gRPC health: serving")
     broker.stop()
     deadline = time.monotonic() + 30
     while readyz(proxy)["pipelines"]["scores"]["ready"]:
         assert time.monotonic() < deadline, "a pipeline without its broker is not ready"
         time.sleep(0.2)
     assert readyz(proxy)["ready"] is False
+    until(lambda: health(proxy, "pipeline/scores") == "NOT_SERVING", "gRPC health follows", 5)
     broker.start()  # same port, same data
     produce(broker, values[100:])
     read_every(broker, "results", x_of)  # at least once: a commit the restart refused repeats
     until(lambda: readyz(proxy)["ready"], "ready again")
+    until(lambda: health(proxy, "pipeline/scores") == "SERVING", "gRPC health: serving again")
 
 
 def test_a_reload_adds_and_removes_pipelines(broker, coalesce_process):
@@ -357,8 +361,10 @@ def test_a_reload_adds_and_removes_pipelines(broker, coalesce_process):
     produce(broker, values)
     results = read(broker, "results", len(values), timeout=30)
     assert sorted(check_result(r, x_of) for r in results) == sorted(x_of)
+    until(lambda: health(proxy, "pipeline/scores") == "SERVING", "gRPC health: serving")
     reload(proxy, {"pipelines": {}})
     assert "pipelines" not in readyz(proxy)
+    until(lambda: health(proxy, "pipeline/scores") == "NOT_SERVING", "a removed pipeline")
     assert "pipeline scores: removed" in proxy.output()
     assert "pipeline scores: added" in proxy.output()
 

@@ -96,3 +96,14 @@ def reload(proxy: Process, data: dict) -> None:
     request = urllib.request.Request(f"http://{proxy.admin}/reload", method="POST")
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.status == 200
+
+
+def health(proxy: Process, service: str) -> str:
+    """grpc.health.v1 Check of `service` on the sidecar's gRPC port: the status's name."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(proxy.url) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
