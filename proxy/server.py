@@ -23,7 +23,7 @@ from coalesce.frontends.kserve.shared_memory import SharedMemory
 from coalesce.frontends.tfserving.grpc import TFServingService
 from coalesce.http2.grpc_server import NativeServer
 from coalesce.ops import admin, stats
-from coalesce.pipelines.runner import Pipelines
+from coalesce.pipelines.runner import Pipelines, missing_clients
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import Config, ConfigError, ServerTLS
@@ -264,6 +264,9 @@ class Server:
                 config = self._source()
             except ConfigError as exc:
                 raise ReloadError(exc.problems) from exc
+            missing = missing_clients(config.pipelines)
+            if missing:
+                raise ReloadError(missing)
             if self._frozen:  # what the old config held may become cyclic garbage now
                 gc.unfreeze()
             try:

@@ -4,9 +4,11 @@ as a team's producer and reader would use it."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+import urllib.error
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from tests.client import inputs
-from tests.support.coalesce import Process
+from tests.support.coalesce import ROOT, Process
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
@@ -253,3 +255,29 @@ def test_a_reload_adds_a_redis_pipeline(server, coalesce_process):
     results = read(server, "results", len(values), timeout=30)
     assert sorted(check_entry(fields, x_of) for fields in results) == sorted(x_of)
     assert "pipeline scores: added" in proxy.output()
+
+
+def test_a_reload_adding_a_pipeline_whose_client_is_missing_is_refused(server, tmp_path):
+    """Without redis-py installed, a reload that adds a Redis pipeline is refused before
+    anything changes, naming the extra to install; the old config serves on."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "redis.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'redis'\", name='redis')\n"
+    )
+    config = pipeline_config(server)
+    pipelines = config.pop("pipelines")
+    proxy = Process(config, tmp_path, env={"PYTHONPATH": f"{blocker}:{ROOT}"})
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            reload(proxy, {"pipelines": pipelines})
+        assert refused.value.code == 400
+        problem = json.load(refused.value)
+        assert "pip install 'coalesce[redis]'" in json.dumps(problem)
+        assert "reload refused" in proxy.output()
+        with tc.InferenceServerClient(proxy.url) as client:  # the old config serves on
+            y = client.infer("affine", inputs(x=rows(1))).as_numpy("y")
+        np.testing.assert_allclose(y, 2 * rows(1) + 1, rtol=1e-6)
+        assert "pipelines" not in readyz(proxy)
+    finally:
+        proxy.terminate()

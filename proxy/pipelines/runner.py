@@ -105,7 +105,7 @@ class BrokerError(Exception):
         self.fatal = fatal
 
 
-def connector_for(name: str, spec: Pipeline) -> Connector:
+def _connector_class(name: str, spec: Pipeline) -> type:
     module, cls, extra = CONNECTORS[spec.source.type]
     try:
         found = importlib.import_module(module)
@@ -114,8 +114,25 @@ def connector_for(name: str, spec: Pipeline) -> Connector:
             f"pipelines.{name}: a {spec.source.type} pipeline needs {exc.name}, which is not "
             f"installed: pip install 'coalesce[{extra}]'"
         ) from None
-    connector: Connector = getattr(found, cls)(name, spec)
+    connector: type = getattr(found, cls)
     return connector
+
+
+def connector_for(name: str, spec: Pipeline) -> Connector:
+    connector: Connector = _connector_class(name, spec)(name, spec)
+    return connector
+
+
+def missing_clients(specs: dict[str, Pipeline]) -> list[str]:
+    """What stops these pipelines from starting here (a broker client not installed),
+    so a reload can be refused before anything changes."""
+    problems = []
+    for name, spec in specs.items():
+        try:
+            _connector_class(name, spec)
+        except StartupError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 @dataclass

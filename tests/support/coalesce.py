@@ -39,7 +39,9 @@ def cpu_seconds(pid: int) -> float:
 class Process:
     """`coalesce serve --config` as a real process, as a user would run it."""
 
-    def __init__(self, data: dict, tmp: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, data: dict, tmp: Path, args: tuple[str, ...] = (), env: dict | None = None
+    ) -> None:
         self.port = int(data["listen"].rpartition(":")[2]) if "listen" in data else free_port()
         self.admin_port = free_port()
         data = {"listen": f"127.0.0.1:{self.port}", "admin": f"127.0.0.1:{self.admin_port}", **data}
@@ -49,7 +51,7 @@ class Process:
         self.config.write_text(yaml.safe_dump(data))
         self.log = tmp / f"coalesce-{self.port}.log"
         self.url = f"127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [
