@@ -818,7 +818,6 @@ class KafkaSource(_Strict):
         "sasl.*, ssl.*, ...).",
     )
 
-
     @property
     def inbox(self) -> str:
         return self.topic
@@ -916,6 +915,12 @@ class Pipeline(_Strict):
     )
     max_in_flight: int = Field(
         10_000, ge=1, description="Most messages between consume and commit."
+    )
+    max_in_flight_mb: float = Field(
+        64,
+        gt=0,
+        description="Most bytes of message values between consume and commit (a fetch stops "
+        "once past it), so a backlog of big messages keeps memory bounded.",
     )
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from .runner import BrokerError, Message, Outgoing
 log = logging.getLogger("coalesce")
 T = TypeVar("T")
 POLL_S = 0.2  # how long an idle fetch waits for the first message
+SLICE = 500  # messages taken from librdkafka's queue at a time, between byte counts
 TIMEOUT_S = 30.0  # transactions' and flushes' own limit
 REBALANCED = frozenset(
     {
@@ -125,13 +126,19 @@ class KafkaConnector:
         except KafkaException:
             self.ready = False
 
-    async def fetch(self, limit: int) -> list[Message]:
+    async def fetch(self, limit: int, max_bytes: int) -> list[Message]:
         def take() -> list[Any]:
-            got = self._consumer.consume(limit, 0)  # what is buffered already
-            if not got:
-                first = self._consumer.poll(POLL_S)
-                if first is not None:
-                    got = [first, *(self._consumer.consume(limit - 1, 0) if limit > 1 else [])]
+            got: list[Any] = []
+            size = 0
+            while len(got) < limit and size < max_bytes:  # what is buffered already
+                more = self._consumer.consume(min(limit - len(got), SLICE), 0)
+                if not more and not got:  # nothing yet: wait a moment for one
+                    first = self._consumer.poll(POLL_S)
+                    more = [] if first is None else [first]
+                if not more:
+                    break
+                got += more
+                size += sum(len(record.value() or b"") for record in more)
             self._measure_lag()  # as of this fetch: it holds while the cycle runs
             return got
 

@@ -33,6 +33,8 @@ from .runner import BrokerError, Message, Outgoing
 
 log = logging.getLogger("coalesce")
 BLOCK_MS = 200  # how long an idle fetch waits for the first entry
+SLICE = 500  # entries read at a time, between byte counts
+FIRST_READ = 16  # entries in the first read, before any entry's size is known
 LAG_EVERY_S = 1.0
 COMPLETE = """
 local group, added, i = ARGV[1], 0, 2
@@ -72,6 +74,7 @@ class RedisConnector:
         self._claimed_at = 0.0
         self._lag_at = 0.0
         self.claimed = 0
+        self._entry_bytes: float | None = None  # a running estimate of an entry's size
 
     async def start(self) -> None:
         try:
@@ -84,22 +87,47 @@ class RedisConnector:
             raise BrokerError(f"redis: {exc}") from None
         self.ready = True
 
-    async def fetch(self, limit: int) -> list[Message]:
+    async def fetch(self, limit: int, max_bytes: int) -> list[Message]:
         try:
-            entries = await self._own_pending(limit)
+            entries = await self._own_pending(min(limit, SLICE))
             if not entries:
-                entries = await self._claim(limit)
+                entries = await self._claim(min(limit, SLICE))
             if not entries:
-                got = await self._redis.xreadgroup(
-                    self.group, self.consumer, {self.stream: ">"}, count=limit, block=BLOCK_MS
-                )
-                entries = got[0][1] if got else []
+                entries = await self._new(limit, max_bytes)
             await self._measure_lag()
         except RedisError as exc:
             self.ready = False
             raise BrokerError(f"redis: {exc}") from None
         self.ready = True
         return [self._message(entry_id, fields) for entry_id, fields in entries]
+
+    async def _new(self, limit: int, max_bytes: int) -> list:
+        """New entries, up to `limit` and about `max_bytes`, read a slice at a time;
+        waits a moment for the first when there are none."""
+        entries: list = []
+        size, block = 0, BLOCK_MS
+        while len(entries) < limit and size < max_bytes:
+            # As many as fit in what is left, at the sizes seen so far: Redis returns
+            # whole entries, so the count is what bounds the bytes of one read.
+            estimate = self._entry_bytes
+            fit = FIRST_READ if estimate is None else max(1, int((max_bytes - size) / estimate))
+            got = await self._redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
+                count=min(limit - len(entries), SLICE, fit),
+                block=block,
+            )
+            more = got[0][1] if got else []
+            if not more:
+                break
+            entries += more
+            read = sum(len(fields.get(b"value", b"")) for _, fields in more)
+            size += read
+            seen = read / len(more)
+            self._entry_bytes = seen if estimate is None else 0.8 * estimate + 0.2 * seen
+            block = None  # only the first read waits
+        return entries
 
     async def _own_pending(self, limit: int) -> list:
         """Entries this consumer name read before a restart and never acknowledged."""

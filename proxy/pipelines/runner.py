@@ -88,8 +88,9 @@ class Connector(Protocol):
 
     async def start(self) -> None: ...
 
-    async def fetch(self, limit: int) -> list[Message]:
-        """What has arrived, up to `limit`; waits a moment for one message when none has."""
+    async def fetch(self, limit: int, max_bytes: int) -> list[Message]:
+        """What has arrived, up to `limit` messages and about `max_bytes` of values (the
+        message that passes it is the last); waits a moment for one when none has."""
 
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
         """Publish `out` and commit `taken` (atomically where the broker can)."""
@@ -135,6 +136,24 @@ def missing_clients(specs: dict[str, Pipeline]) -> list[str]:
     return problems
 
 
+class Pause:
+    """Lets the event loop serve others (gRPC and REST callers, probes) while a cycle
+    decodes or encodes a backlog: a yield after every so many messages or bytes."""
+
+    MESSAGES = 256
+    BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._messages = self._bytes = 0
+
+    async def after(self, size: int) -> None:
+        self._messages += 1
+        self._bytes += size
+        if self._messages >= self.MESSAGES or self._bytes >= self.BYTES:
+            self._messages = self._bytes = 0
+            await asyncio.sleep(0)
+
+
 @dataclass
 class Counters:
     consumed: int = 0
@@ -157,6 +176,7 @@ class Runner:
         self.counters = Counters()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._max_bytes = int(spec.max_in_flight_mb * (1 << 20))
 
     @property
     def ready(self) -> bool:
@@ -204,7 +224,7 @@ class Runner:
         delay = 0.1
         while not self._stopping:
             try:
-                taken = await self.connector.fetch(self.spec.max_in_flight)
+                taken = await self.connector.fetch(self.spec.max_in_flight, self._max_bytes)
                 if not taken:
                     continue
                 out = await self._infer(taken)
@@ -282,13 +302,13 @@ class Runner:
         except CoalesceError:
             return pending
         retry: list[int] = []
-        chunks = self._chunks(taken, pending, decoded, out, backend)
+        chunks = await self._chunks(taken, pending, decoded, out, backend)
         alone = await self._submit(backend, chunks, taken, decoded, out, retry)
         if alone:
             await self._submit(backend, [[i] for i in alone], taken, decoded, out, retry)
         return sorted(retry)
 
-    def _chunks(
+    async def _chunks(
         self,
         taken: list[Message],
         pending: list[int],
@@ -304,7 +324,9 @@ class Runner:
         capacity = batcher.capacity()
         groups: dict[tuple, list[int]] = {}
         chunks: list[list[int]] = []
+        pause = Pause()
         for i in pending:
+            await pause.after(len(taken[i].value))
             if i not in decoded:
                 try:
                     decoded[i] = formats.decode(kind, taken[i].value, taken[i].headers, route, info)
@@ -367,7 +389,9 @@ class Runner:
         info = backend.info()
         version = info.versions[0] if info.versions else ""
         route, kind = self.spec.route, self.spec.format
+        pause = Pause()
         for chunk, future in futures:
+            await pause.after(sum(len(taken[i].value) for i in chunk))
             error = future.exception()
             if error is not None:
                 self._failed(chunk, error, taken, out, retry, alone)
