@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.client import inputs
 from tests.conftest import local_backend
+from tests.support.browser import chromium, dump_dom
 
 
 def get(url: str) -> bytes:
@@ -133,22 +132,10 @@ def test_dashboard_renders_and_updates_in_headless_chromium(proxy, tmp_path):
     thread.start()
     time.sleep(3)
     shot = tmp_path / "dashboard.png"
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={profile}", "--window-size=1200,900",
-         "--virtual-time-budget=3000", f"--screenshot={shot}", f"http://{admin}/"],
-        check=True, capture_output=True, timeout=60,
-    )
-    dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--virtual-time-budget=3000", "--dump-dom",
-         f"http://{admin}/"], check=True, capture_output=True, text=True, timeout=60,
-    ).stdout
+    url = f"http://{admin}/"
+    chromium(url, "--window-size=1200,900", "--virtual-time-budget=3000", f"--screenshot={shot}")
+    dom = dump_dom(url)
     thread.join()
-    shutil.rmtree(profile, ignore_errors=True)
     assert 'data-updated="' in dom and "req/s" in dom and 'id="b-b"' in dom
     assert '<div class="state">ready</div>' in dom  # each backend's state, from /readyz
     from PIL import Image

@@ -5,6 +5,8 @@ as a team's producer and reader would use it."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import threading
 import time
@@ -17,6 +19,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from tests.client import inputs
+from tests.support.browser import dump_dom
 from tests.support.coalesce import ROOT, Process
 from tests.support.pipelines import (
     batch_totals,
@@ -347,3 +350,18 @@ def test_a_request_larger_than_the_queue_is_a_dead_letter(server, coalesce_proce
     assert b"max_queue 8" in dead[b"coalesce-error"]
     until(lambda: pending(server) == 0, "acknowledged")
     assert status(proxy)["retried"] == 0
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_the_dashboard_shows_each_pipeline_its_state_and_counters(server, coalesce_process):
+    proxy = coalesce_process(pipeline_config(server))
+    values, _ = messages(40)
+    add(server, [*values, ("bad", b"{nope")])
+    assert len(read(server, "results", len(values))) == len(values)
+    until(lambda: status(proxy)["dead_lettered"] == 1, "the bad one dead-lettered")
+    dom = dump_dom(f"http://{proxy.admin}/")
+    row = re.search(r'<tr data-pipeline="scores">(.*?)</tr>', dom)
+    assert row, "no row for the pipeline"
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+    assert cells[:2] == ["scores", "ready"]
+    assert cells[4:7] == ["41", "40", "1"]  # consumed, published, dead-lettered
