@@ -144,7 +144,7 @@ class Server:
         folder = stats.shared_folder()
         if folder is not None and folder.worker:  # the admin worker reads the others
             self._publisher = asyncio.get_running_loop().create_task(
-                stats.publish(self.router, folder)
+                stats.publish(self.router, folder, self.pipelines.status)
             )
         if self.config.admin:
             self._admin = await admin.start(

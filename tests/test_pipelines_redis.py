@@ -20,11 +20,12 @@ import tritonclient.grpc as tc
 
 from tests.client import inputs
 from tests.support.browser import dump_dom
-from tests.support.coalesce import ROOT, Process
+from tests.support.coalesce import ROOT, Process, free_port
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
     messages,
+    prometheus,
     readyz,
     reload,
     request_body,
@@ -365,3 +366,22 @@ def test_the_dashboard_shows_each_pipeline_its_state_and_counters(server, coales
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
     assert cells[:2] == ["scores", "ready"]
     assert cells[4:7] == ["41", "40", "1"]  # consumed, published, dead-lettered
+
+
+def test_with_several_workers_each_reads_as_its_own_consumer_and_status_is_merged(
+    server, coalesce_process
+):
+    """`workers: 2`: each serving process runs a consumer of its own name in the group;
+    /readyz and /metrics (served by one of them) count both."""
+    config = pipeline_config(server, delay_ms=5, consumer="pod")
+    config["pipelines"]["scores"]["max_in_flight"] = 100
+    proxy = coalesce_process({**config, "workers": 2, "listen": f"127.0.0.1:{free_port()}"})
+    values, x_of = messages(3000)
+    add(server, values)
+    results = read(server, "results", len(values))
+    assert sorted(check_entry(f, x_of) for f in results) == sorted(x_of)
+    consumers = server.client().xinfo_consumers("requests", "coalesce-scores")
+    assert sorted(c["name"].decode() for c in consumers) == ["pod-w0", "pod-w1"]
+    until(lambda: status(proxy)["published"] == len(values), "both workers' counts, merged")
+    sample = 'coalesce_pipeline_messages_total{outcome="published",pipeline="scores"}'
+    until(lambda: prometheus(proxy, sample) == len(values), "merged in /metrics too")

@@ -56,7 +56,7 @@ def make_app(
         status = {n: b.status for n, b in router.backends.items() if b.status is not None}
         if status:  # e.g. a python backend building its environment, and which step
             body["status"] = status
-        flows = pipelines()
+        flows = stats.pipelines(pipelines(), folder)
         if flows:  # a pipeline whose broker is unreachable makes the instance not ready
             body["pipelines"] = flows
             ready = body["ready"] = ready and all(p["ready"] for p in flows.values())
@@ -64,7 +64,8 @@ def make_app(
 
     async def prometheus(request: web.Request) -> web.Response:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(stats.current(router, folder), pipelines()))
+        flows = stats.pipelines(pipelines(), folder)
+        registry.register(_Collector(stats.current(router, folder), flows))
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -14,7 +14,14 @@ import time
 from collections import deque
 
 from coalesce.core.router import Router
-from coalesce.telemetry.metrics import BATCH_BOUNDS, LATENCY_BOUNDS, SnapshotFolder, merge, quantile
+from coalesce.telemetry.metrics import (
+    BATCH_BOUNDS,
+    LATENCY_BOUNDS,
+    SnapshotFolder,
+    merge,
+    merge_pipelines,
+    quantile,
+)
 
 SERIES_POINTS = 300
 
@@ -40,6 +47,14 @@ def local(router: Router) -> dict:
 def current(router: Router, folder: SnapshotFolder | None) -> dict:
     others = folder.read_others() if folder else []
     return merge([local(router), *others])
+
+
+def pipelines(own: dict[str, dict], folder: SnapshotFolder | None) -> dict[str, dict]:
+    """The pipelines' status across the workers (each runs its own consumer)."""
+    if folder is None:
+        return own
+    others = [snap.get("pipelines", {}) for snap in folder.read_others()]
+    return merge_pipelines([own, *others])
 
 
 def _per_backend(merged: dict) -> dict[str, dict]:
@@ -115,8 +130,10 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-async def publish(router: Router, folder: SnapshotFolder) -> None:
-    """A worker's loop: leave a snapshot for the admin worker once a second."""
+async def publish(router: Router, folder: SnapshotFolder, pipelines=dict) -> None:
+    """A worker's loop: leave a snapshot for the admin worker once a second (its
+    metrics, and its pipelines' status)."""
     while True:
-        await asyncio.to_thread(folder.write, local(router))
+        snapshot = {**local(router), "pipelines": pipelines()}
+        await asyncio.to_thread(folder.write, snapshot)
         await asyncio.sleep(1.0)

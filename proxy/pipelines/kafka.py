@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from coalesce.config import Pipeline
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from .runner import BrokerError, Message, Outgoing
+from .runner import BrokerError, Message, Outgoing, member_name
 
 log = logging.getLogger("coalesce")
 T = TypeVar("T")
@@ -71,14 +71,19 @@ class KafkaConnector:
                 "session.timeout.ms": source.session_timeout_ms,
                 # librdkafka prefetches up to 64 MiB per partition by default: bound it.
                 "queued.max.messages.kbytes": 16384,
-                **({"group.instance.id": source.instance_id} if source.instance_id else {}),
+                **(
+                    {"group.instance.id": member_name(source.instance_id)}
+                    if source.instance_id
+                    else {}
+                ),
             }
         )
         producer: dict[str, Any] = {**common, "linger.ms": 1}
         if self.exactly_once:
             me = source.instance_id or socket.gethostname()
-            tid = source.transactional_id or f"coalesce-{name}-{me}"
-            producer["transactional.id"] = tid
+            producer["transactional.id"] = member_name(
+                source.transactional_id or f"coalesce-{name}-{me}"
+            )
             producer["transaction.timeout.ms"] = 60_000
         else:
             producer["enable.idempotence"] = True

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from coalesce.config import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
-from .runner import BrokerError, Message, Outgoing
+from .runner import BrokerError, Message, Outgoing, member_name
 
 log = logging.getLogger("coalesce")
 BLOCK_MS = 200  # how long an idle fetch waits for the first entry
@@ -61,7 +61,7 @@ class RedisConnector:
         self.spec = spec
         self.stream = source.stream
         self.group = source.group
-        self.consumer = source.consumer or socket.gethostname()
+        self.consumer = member_name(source.consumer or socket.gethostname())
         self.ready = False
         self.partitions = [0]  # a stream is one sequence; consumers share its entries
         self.lag: dict[int, int] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,6 +105,14 @@ class BrokerError(Exception):
     def __init__(self, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+def member_name(name: str) -> str:
+    """A name unique to this process in a consumer group: with `workers` > 1 each serving
+    process runs its own consumer, so the worker's index is added (two members with one
+    static id, or two producers with one transactional.id, would fence each other)."""
+    index = os.environ.get("COALESCE_WORKER_INDEX")
+    return name if index is None else f"{name}-w{index}"
 
 
 def _connector_class(name: str, spec: Pipeline) -> type:

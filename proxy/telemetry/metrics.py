@@ -293,6 +293,33 @@ class SnapshotFolder:
 PIPELINE_COUNTS = ("consumed", "published", "dead_lettered", "retried")
 
 
+def merge_pipelines(statuses: list[dict[str, dict]]) -> dict[str, dict]:
+    """One pipeline's status across worker processes (each runs a consumer of the same
+    group): counts summed, partitions and lag joined, ready only if every one is."""
+    merged: dict[str, dict] = {}
+    for status in statuses:
+        for name, s in status.items():
+            m = merged.setdefault(
+                name,
+                {
+                    "ready": True,
+                    "partitions": [],
+                    "lag": {},
+                    "last_cycle_messages": 0,
+                    "errors": {},
+                    **dict.fromkeys(PIPELINE_COUNTS, 0),
+                },
+            )
+            m["ready"] = m["ready"] and s["ready"]
+            m["partitions"] = sorted({*m["partitions"], *s["partitions"]})
+            m["lag"].update({str(p): n for p, n in s["lag"].items()})
+            m["last_cycle_messages"] = max(m["last_cycle_messages"], s["last_cycle_messages"])
+            _add(m["errors"], s["errors"])
+            for key in PIPELINE_COUNTS:
+                m[key] += s[key]
+    return merged
+
+
 def pipeline_families(status: dict[str, dict]) -> Iterator:
     """Prometheus families for the broker pipelines' status (coalesce.pipelines)."""
     messages = CounterMetricFamily(
