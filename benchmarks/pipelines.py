@@ -8,10 +8,12 @@ bench MLP (benchmarks/bench_model.py), a `local` backend. Rows:
 
 1. broker ceiling: produce N messages with librdkafka, and consume them, no model;
 2. Coalesce, at_least_once and exactly_once (and at_least_once with kserve-proto
-   messages, a serialized ModelInferRequest): N messages produced at full speed into
-   a running pipeline, timed from the first produce to the last result read;
-3. a naive consumer (one Python process, librdkafka): per message, decode the JSON,
-   call the model on its one row, encode, produce the result, commit asynchronously;
+   messages, a serialized ModelInferRequest): a backlog of N messages in the inbox,
+   then Coalesce starts; timed from its first committed cycle to its last (its own
+   count in /readyz), every result read and checked afterwards;
+3. a naive consumer (one Python process, librdkafka) on the same kind of backlog: per
+   message, decode the JSON, call the model on its one row, encode, produce the
+   result, commit asynchronously;
 4. latency at a light 100 messages/s: produce-to-result p50/p99 (each result carries
    its request's headers, so the send time rides along).
 
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -146,55 +149,87 @@ def ceiling(broker: Broker, values: list[bytes]) -> dict:
     }
 
 
-def through_coalesce(
-    broker: Broker, tmp: Path, tag: str, values, expected, rate: float | None = None, **fields
-) -> tuple[dict, float]:
-    """`values` produced (at `rate`/s, else at full speed) into a running pipeline on
-    topics of its own; (the reader's results, when producing began)."""
+def latency(broker: Broker, tmp: Path, values, expected) -> dict:
+    """Messages produced at a light 100/s into a running pipeline: produce-to-result
+    latency (each result carries its request's headers, so the send time rides along)."""
+    broker.create_topics("in-light", "out-light")
+    config = _config(broker, "in-light", "out-light")
+    proxy = Process({**config, "admin": None}, tmp, ("--log-level", "WARNING"))
+    try:
+        time.sleep(4)  # joins the group
+        reader, result = reading(broker, "out-light", len(values), expected, "r-light")
+        produce(broker, "in-light", values, rate=100)
+        reader.join()
+    finally:
+        proxy.terminate()
+    ms = sorted(1000 * s for s in result["latencies"])
+    return {
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[int(0.99 * (len(ms) - 1))],
+        "wrong": result["wrong"],
+    }
+
+
+def pipeline(broker: Broker, tmp: Path, tag: str, values, expected, **fields) -> dict:
+    """A backlog of `values` in the inbox, then Coalesce starts: messages/s from its
+    first committed cycle to its last (its own count of published results, in
+    /readyz); every result is read and checked afterwards, untimed."""
     inbox, outbox = f"in-{tag}", f"out-{tag}"
     broker.create_topics(inbox, outbox)
+    produce(broker, inbox, values)
+    proxy = Process(_config(broker, inbox, outbox, **fields), tmp, ("--log-level", "WARNING"))
+    try:
+        first, start = _published_when(proxy, 1)
+        done, end = _published_when(proxy, len(values))
+    finally:
+        proxy.terminate()
+    _, _, wrong = drain(broker, outbox, len(values), expected, f"check-{tag}")
+    return {"msgs_per_s": (done - first) / (end - start), "wrong": wrong}
+
+
+def _config(broker: Broker, inbox: str, outbox: str, **fields) -> dict:
     source = {
         "type": "kafka",
         "brokers": [broker.address],
         "topic": inbox,
-        "group": f"coalesce-{tag}",
+        "group": f"coalesce-{inbox}",
         "session_timeout_ms": 6000,
     }
-    config = {
-        "admin": None,
+    return {
         "backends": {"mlp": {"type": "local", "model": "benchmarks.models:mlp"}},
         "routes": [{"model": "mlp", "backend": "mlp"}],
         "pipelines": {"p": {"source": source, "route": "mlp", "sink": {"topic": outbox}, **fields}},
     }
-    proxy = Process(config, tmp, ("--log-level", "WARNING"))
-    try:
-        time.sleep(4)  # joins the group
-        reader, result = reading(broker, outbox, len(values), expected, f"r-{tag}")
-        start = time.perf_counter()
-        produce(broker, inbox, values, rate)
-        reader.join()
-    finally:
-        proxy.terminate()
-    return result, start
 
 
-def pipeline(broker: Broker, tmp: Path, tag: str, values, expected, **fields) -> dict:
-    result, start = through_coalesce(broker, tmp, tag, values, expected, **fields)
-    return {"msgs_per_s": len(values) / (result["last"] - start), "wrong": result["wrong"]}
+def _published_when(proxy: Process, count: int) -> tuple[int, float]:
+    """(results published, when) once the pipeline has published at least `count`."""
+    end = time.monotonic() + 600
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://{proxy.admin}/readyz", timeout=5) as answer:
+                published = json.load(answer)["pipelines"]["p"]["published"]
+        except (OSError, KeyError, ValueError):
+            published = 0
+        if published >= count:
+            return published, time.perf_counter()
+        time.sleep(0.005)
+    raise RuntimeError(f"the pipeline did not publish {count} results in time")
 
 
 def naive(broker: Broker, values, expected) -> dict:
-    """One message at a time: what a team writes first."""
+    """One message at a time, what a team writes first, on the same backlog: from its
+    first message to its last result delivered; checked afterwards."""
     broker.create_topics("in-naive", "out-naive")
     produce(broker, "in-naive", values)
     c = consumer(broker, "in-naive", "naive")
     p = Producer({"bootstrap.servers": broker.address, "linger.ms": 2})
-    reader, result = reading(broker, "out-naive", len(values), expected, "r-naive")
-    done, start = 0, time.perf_counter()
+    done, start = 0, None
     while done < len(values):
         record = c.poll(1.0)
         if record is None or record.error() is not None:
             continue
+        start = start or time.perf_counter()
         body = json.loads(record.value())
         x = np.array(body["inputs"][0]["data"], dtype=np.float32).reshape(1, 64)
         y = bench_model.forward(x)
@@ -214,19 +249,10 @@ def naive(broker: Broker, values, expected) -> dict:
         c.commit(record, asynchronous=True)
         done += 1
     p.flush(60)
-    reader.join()
+    end = time.perf_counter()
     c.close()
-    return {"msgs_per_s": len(values) / (result["last"] - start), "wrong": result["wrong"]}
-
-
-def latency(broker: Broker, tmp: Path, values, expected) -> dict:
-    result, _ = through_coalesce(broker, tmp, "light", values, expected, rate=100)
-    ms = sorted(1000 * s for s in result["latencies"])
-    return {
-        "p50_ms": statistics.median(ms),
-        "p99_ms": ms[int(0.99 * (len(ms) - 1))],
-        "wrong": result["wrong"],
-    }
+    _, _, wrong = drain(broker, "out-naive", len(values), expected, "check-naive")
+    return {"msgs_per_s": (len(values) - 1) / (end - start), "wrong": wrong}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,6 @@ class KafkaConnector:
         common: dict[str, Any] = {
             "bootstrap.servers": ",".join(source.brokers),
             "error_cb": self._error,
-            **source.options,
         }
         self._consumer = Consumer(
             {
@@ -76,9 +75,10 @@ class KafkaConnector:
                     if source.instance_id
                     else {}
                 ),
+                **source.options,  # the operator's settings win over these defaults
             }
         )
-        producer: dict[str, Any] = {**common, "linger.ms": 1}
+        producer: dict[str, Any] = {**common, "linger.ms": 1, **source.options}
         if self.exactly_once:
             me = source.instance_id or socket.gethostname()
             producer["transactional.id"] = member_name(
