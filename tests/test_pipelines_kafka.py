@@ -9,15 +9,13 @@ pipeline would.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tritonclient.grpc as tc
 
-from tests.client import affine_expected, inputs
+from tests.client import affine_expected
 from tests.support.coalesce import Process, free_port
 
 pytest.importorskip("confluent_kafka")
@@ -27,6 +25,7 @@ from tests.support.kafka import Broker
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
+    grpc_caller,
     health,
     messages,
     prometheus,
@@ -141,25 +140,9 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     broker.create_topics("requests", "results", "rejected")
     proxy = coalesce_process(pipeline_config(broker))
     values, x_of = messages(3000)
-    stop = threading.Event()
-    grpc_answers: list[int] = []
-
-    def grpc_caller() -> None:  # a request/reply client on the same route meanwhile
-        with tc.InferenceServerClient(proxy.url) as client:
-            while not stop.is_set():
-                x = rows(1) + len(grpc_answers)
-                y = client.infer("affine", inputs(x=x)).as_numpy("y")
-                np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
-                grpc_answers.append(1)
-
-    caller = threading.Thread(target=grpc_caller)
-    caller.start()
-    try:
+    with grpc_caller(proxy) as grpc_answers:
         produce(broker, values)
         results = read(broker, "results", len(values))
-    finally:
-        stop.set()
-        caller.join()
     keys = [check_result(r, x_of) for r in results]
     assert sorted(keys) == sorted(x_of), "each request answered once"
     assert grpc_answers

@@ -10,19 +10,17 @@ them, so every test also checks that the input's `Nats-*` headers stay behind.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tritonclient.grpc as tc
 
-from tests.client import inputs
 from tests.support.coalesce import Process
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
+    grpc_caller,
     messages,
     readyz,
     request_body,
@@ -175,25 +173,9 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     server.add_streams(**STREAMS)
     proxy = coalesce_process(pipeline_config(server))
     values, x_of = messages(2000)
-    stop = threading.Event()
-    grpc_answers: list[int] = []
-
-    def grpc_caller() -> None:  # a request/reply client on the same route meanwhile
-        with tc.InferenceServerClient(proxy.url) as client:
-            while not stop.is_set():
-                x = rows(1) + len(grpc_answers)
-                y = client.infer("affine", inputs(x=x)).as_numpy("y")
-                np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
-                grpc_answers.append(1)
-
-    caller = threading.Thread(target=grpc_caller)
-    caller.start()
-    try:
+    with grpc_caller(proxy) as grpc_answers:
         publish(server, values)
         keys = read_every(server, x_of)
-    finally:
-        stop.set()
-        caller.join()
     assert sorted(keys) == sorted(x_of), "each request answered once"
     assert grpc_answers
     until(lambda: status(proxy)["lag"] == {"0": 0}, "lag 0 once everything is acked")

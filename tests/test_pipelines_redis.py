@@ -24,6 +24,7 @@ from tests.support.coalesce import ROOT, Process, free_port
 from tests.support.pipelines import (
     batch_totals,
     check_answer,
+    grpc_caller,
     messages,
     prometheus,
     readyz,
@@ -127,25 +128,9 @@ def test_every_entry_gets_its_own_result_and_grpc_callers_share_the_batcher(
 ):
     proxy = coalesce_process(pipeline_config(server))
     values, x_of = messages(2000)
-    stop = threading.Event()
-    grpc_answers: list[int] = []
-
-    def grpc_caller() -> None:  # a request/reply client on the same route meanwhile
-        with tc.InferenceServerClient(proxy.url) as client:
-            while not stop.is_set():
-                x = rows(1) + len(grpc_answers)
-                y = client.infer("affine", inputs(x=x)).as_numpy("y")
-                np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
-                grpc_answers.append(1)
-
-    caller = threading.Thread(target=grpc_caller)
-    caller.start()
-    try:
+    with grpc_caller(proxy) as grpc_answers:
         add(server, values)
         results = read(server, "results", len(values))
-    finally:
-        stop.set()
-        caller.join()
     keys = [check_entry(fields, x_of) for fields in results]
     assert sorted(keys) == sorted(x_of), "each request answered once"
     assert grpc_answers

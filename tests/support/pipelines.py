@@ -3,10 +3,13 @@ result answers its own request, and the sidecar's /readyz and /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -107,3 +110,32 @@ def health(proxy: Process, service: str) -> str:
         stub = health_pb2_grpc.HealthStub(channel)
         answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
+@contextlib.contextmanager
+def grpc_caller(proxy: Process, model: str = "affine") -> Iterator[list[int]]:
+    """A request/reply client calling `model` over gRPC on a thread while the block runs
+    (the pipeline's route, to show both share its batcher); yields its answers' count as
+    a list that grows."""
+    import tritonclient.grpc as tc
+
+    from tests.client import inputs
+
+    stop = threading.Event()
+    answers: list[int] = []
+
+    def call() -> None:
+        with tc.InferenceServerClient(proxy.url) as client:
+            while not stop.is_set():
+                x = rows(1) + len(answers)
+                y = client.infer(model, inputs(x=x)).as_numpy("y")
+                np.testing.assert_allclose(y, 2 * x + 1, rtol=1e-6)
+                answers.append(1)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        thread.join()
