@@ -239,8 +239,9 @@ def test_a_frozen_instances_late_results_are_dropped_as_duplicates(server, coale
     answers everything. b then wakes and publishes its cycle's results too: the same
     Nats-Msg-Ids, so the outbox still holds each result once."""
     server.add_streams(**STREAMS)
-    config = pipeline_config(server, delay_ms=5, max_in_flight=50, ack_wait_s=1)
-    a, b = coalesce_process(config), coalesce_process(config)
+    a = coalesce_process(pipeline_config(server, delay_ms=5, max_in_flight=50, ack_wait_s=1))
+    # b's model is slow: it spends nearly all its time inside a cycle, holding messages
+    b = coalesce_process(pipeline_config(server, delay_ms=1500, max_in_flight=50, ack_wait_s=1))
     values, x_of = messages(3000)
     publish(server, values)
     until(lambda: status(a)["published"] and status(b)["published"], "both should be working")
