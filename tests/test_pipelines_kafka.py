@@ -23,6 +23,8 @@ from confluent_kafka import Consumer, Producer
 
 from tests.support.kafka import Broker
 from tests.support.pipelines import (
+    affine_pipeline,
+    bad_messages,
     batch_totals,
     check_answer,
     grpc_caller,
@@ -31,7 +33,6 @@ from tests.support.pipelines import (
     prometheus,
     readyz,
     reload,
-    request_body,
     rows,
     until,
 )
@@ -47,29 +48,18 @@ def broker() -> Iterator[Broker]:
 
 
 def pipeline_config(broker: Broker, topic: str = "requests", **fields) -> dict:
-    return {
-        "backends": {"affine": {"type": "local", "model": "tests.models:affine"}},
-        "routes": [{"model": "affine", "backend": "affine"}],
-        "pipelines": {
-            "scores": {
-                "source": {
-                    "type": "kafka",
-                    "brokers": [broker.address],
-                    "topic": topic,
-                    "group": "coalesce-scores",
-                    "session_timeout_ms": 6000,
-                    # noida-db completes a rebalance after a member dies only when the
-                    # rebalance timeout (max.poll.interval.ms) runs out, not the session
-                    # timeout as Kafka does: keep it short so a takeover takes seconds.
-                    "options": {"max.poll.interval.ms": 10000},
-                },
-                "route": "affine",
-                "sink": {"topic": "results"},
-                "dead_letter": {"topic": "rejected"},
-                **fields,
-            }
-        },
+    source = {
+        "type": "kafka",
+        "brokers": [broker.address],
+        "topic": topic,
+        "group": "coalesce-scores",
+        "session_timeout_ms": 6000,
+        # noida-db completes a rebalance after a member dies only when the rebalance
+        # timeout (max.poll.interval.ms) runs out, not the session timeout as Kafka does:
+        # keep it short so a takeover takes seconds.
+        "options": {"max.poll.interval.ms": 10000},
     }
+    return affine_pipeline(source, **fields)
 
 
 def produce(broker: Broker, values: list[tuple[str, bytes]], topic: str = "requests") -> None:
@@ -163,11 +153,7 @@ def test_bad_messages_go_to_the_dead_letter_topic_with_their_error(broker, coale
     broker.create_topics("requests", "results", "rejected")
     proxy = coalesce_process(pipeline_config(broker))
     good, x_of = messages(20)
-    bad = [
-        ("not-json", b"{nope"),
-        ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
-        ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),  # model raises
-    ]
+    bad = bad_messages()
     produce(broker, [*good[:10], *bad, *good[10:]])
     results = read(broker, "results", len(good))
     assert sorted(check_result(r, x_of) for r in results) == sorted(x_of)

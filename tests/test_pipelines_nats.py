@@ -18,13 +18,13 @@ import pytest
 
 from tests.support.coalesce import Process
 from tests.support.pipelines import (
+    affine_pipeline,
+    bad_messages,
     batch_totals,
     check_answer,
     grpc_caller,
     messages,
     readyz,
-    request_body,
-    rows,
     until,
 )
 
@@ -47,32 +47,14 @@ def server() -> Iterator[NatsServer]:
 def pipeline_config(
     server: NatsServer, delay_ms: float = 0.0, max_in_flight: int = 10_000, **source
 ) -> dict:
-    return {
-        "backends": {
-            "affine": {
-                "type": "local",
-                "model": "tests.models:affine",
-                "args": {"delay_ms": delay_ms},
-            }
-        },
-        "routes": [{"model": "affine", "backend": "affine"}],
-        "pipelines": {
-            "scores": {
-                "source": {
-                    "type": "nats",
-                    "servers": [server.url],
-                    "stream": "REQUESTS",
-                    "subject": "requests",
-                    "durable": "coalesce-scores",
-                    **source,
-                },
-                "route": "affine",
-                "sink": {"topic": "results"},
-                "dead_letter": {"topic": "rejected"},
-                "max_in_flight": max_in_flight,
-            }
-        },
+    inbox = {
+        "type": "nats",
+        "servers": [server.url],
+        "stream": "REQUESTS",
+        "subject": "requests",
+        "durable": "coalesce-scores",
     }
+    return affine_pipeline({**inbox, **source}, delay_ms, max_in_flight=max_in_flight)
 
 
 def publish(server: NatsServer, values: list[tuple[str, bytes]]) -> None:
@@ -286,11 +268,7 @@ def test_bad_messages_go_to_the_dead_letter_subject_with_their_error(server, coa
     server.add_streams(**STREAMS)
     proxy = coalesce_process(pipeline_config(server))
     good, x_of = messages(20)
-    bad = [
-        ("not-json", b"{nope"),
-        ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
-        ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),  # model raises
-    ]
+    bad = bad_messages()
     publish(server, [*good[:10], *bad, *good[10:]])
     assert sorted(read_every(server, x_of)) == sorted(x_of)
     until(lambda: count(server, "REJECTED") == len(bad), "each bad message dead-lettered")

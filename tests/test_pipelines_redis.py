@@ -22,6 +22,8 @@ from tests.client import inputs
 from tests.support.browser import dump_dom
 from tests.support.coalesce import ROOT, Process, free_port
 from tests.support.pipelines import (
+    affine_pipeline,
+    bad_messages,
     batch_totals,
     check_answer,
     grpc_caller,
@@ -48,30 +50,8 @@ def server() -> Iterator[RedisServer]:
 
 
 def pipeline_config(server: RedisServer, delay_ms: float = 0.0, **source) -> dict:
-    return {
-        "backends": {
-            "affine": {
-                "type": "local",
-                "model": "tests.models:affine",
-                "args": {"delay_ms": delay_ms},
-            }
-        },
-        "routes": [{"model": "affine", "backend": "affine"}],
-        "pipelines": {
-            "scores": {
-                "source": {
-                    "type": "redis",
-                    "url": server.url,
-                    "stream": "requests",
-                    "group": "coalesce-scores",
-                    **source,
-                },
-                "route": "affine",
-                "sink": {"topic": "results"},
-                "dead_letter": {"topic": "rejected"},
-            }
-        },
-    }
+    inbox = {"type": "redis", "url": server.url, "stream": "requests", "group": "coalesce-scores"}
+    return affine_pipeline({**inbox, **source}, delay_ms)
 
 
 def add(server: RedisServer, values: list[tuple[str, bytes]], stream: str = "requests") -> None:
@@ -204,11 +184,7 @@ def test_an_entry_claimed_from_a_slow_live_instance_is_answered_once(server, coa
 def test_bad_entries_go_to_the_dead_letter_stream_with_their_error(server, coalesce_process):
     proxy = coalesce_process(pipeline_config(server))
     good, x_of = messages(20)
-    bad = [
-        ("not-json", b"{nope"),
-        ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
-        ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),  # model raises
-    ]
+    bad = bad_messages()
     add(server, [*good[:10], *bad, *good[10:]])
     results = read(server, "results", len(good))
     assert sorted(check_entry(fields, x_of) for fields in results) == sorted(x_of)

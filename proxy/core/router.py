@@ -113,6 +113,8 @@ class Backend:
         self.tracer: Tracer | None = None  # see config `tracing`
         self._released = False
         self.labels: dict[str, tuple[str, ...]] = {}  # see config `labels`
+        self._info_from: ModelInfo | None = None  # the adapter's info, once labelled
+        self._labelled: ModelInfo | None = None
         self._time = time.perf_counter  # latencies; uvloop's loop.time() ticks in ms
 
     async def infer(self, request: InferRequest) -> Tensors:
@@ -197,9 +199,12 @@ class Backend:
 
     def info(self) -> ModelInfo:
         info = self.adapter.info()
-        if self.labels and not info.labels:
-            info = dataclasses.replace(info, labels=self.labels)
-        return info
+        if not self.labels or info.labels:
+            return info
+        if info is not self._info_from:  # the adapter's info changed (a reload of the model)
+            self._info_from = info
+            self._labelled = dataclasses.replace(info, labels=self.labels)
+        return self._labelled
 
     def route_stats(self, route: str) -> RouteStats | None:
         """What the callers of `route` on this backend saw (None before the first)."""

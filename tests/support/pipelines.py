@@ -139,3 +139,32 @@ def grpc_caller(proxy: Process, model: str = "affine") -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
+
+
+def affine_pipeline(source: dict, delay_ms: float = 0.0, **fields) -> dict:
+    """A config routing `affine` (tests.models, `delay_ms` per batch) and one pipeline,
+    `scores`, from `source` to the outbox `results`, rejected messages to `rejected`."""
+    model = {"type": "local", "model": "tests.models:affine", "args": {"delay_ms": delay_ms}}
+    return {
+        "backends": {"affine": model},
+        "routes": [{"model": "affine", "backend": "affine"}],
+        "pipelines": {
+            "scores": {
+                "source": source,
+                "route": "affine",
+                "sink": {"topic": "results"},
+                "dead_letter": {"topic": "rejected"},
+                **fields,
+            }
+        },
+    }
+
+
+def bad_messages() -> list[tuple[str, bytes]]:
+    """Messages that cannot succeed: not JSON, a tensor the model lacks, and a NaN the
+    model rejects (its INVALID_ARGUMENT)."""
+    return [
+        ("not-json", b"{nope"),
+        ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
+        ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),
+    ]
