@@ -755,6 +755,16 @@ class Http2(_Strict):
         gt=0,
         description="How long a request body may stop arriving before its stream is reset.",
     )
+    penalty_half_life_s: float = Field(
+        10.0,
+        ge=0,
+        description="A connection we close for misbehaving (a budget spent, a protocol "
+        "error) halves every budget and the stream cap of the next connections from its IP "
+        "address (down to 1/128 of each budget, 100 streams); the penalty halves every "
+        "this many seconds. Connections already open keep theirs. So a "
+        "peer cannot refill its budgets by reconnecting. 0: off (budgets per connection "
+        "only).",
+    )
     settings_rate: _Rate = Field(
         (100, 10), description="SETTINGS frames (of at most 32 entries each)."
     )

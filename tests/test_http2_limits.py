@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import struct
 import time
 from pathlib import Path
@@ -85,9 +86,20 @@ def answers_promptly(server: Process) -> None:
         assert h2.grpc_status(p.call(1)) == "0"
 
 
-def calm(server: Process, data: bytes, repeat: int = 1) -> None:
+_addresses = itertools.count(2)
+
+
+def attacker_address() -> str:
+    """A loopback address of its own for one test's attacker: a connection we close for
+    misbehaving penalises its address (see the penalty tests), so each attack starts as
+    a stranger and the well-behaved callers (127.0.0.1) are never the one penalised."""
+    n = next(_addresses)
+    return f"127.0.{n // 250 + 1}.{n % 250 + 2}"
+
+
+def calm(server: Process, data: bytes, repeat: int = 1, source: str = "") -> None:
     """`data` sent `repeat` times costs the sender its connection: ENHANCE_YOUR_CALM."""
-    with h2.Peer(server.port).handshake() as p:
+    with h2.Peer(server.port, source=source or attacker_address()).handshake() as p:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             p.send(data * repeat)  # closed on us mid-flood: the GOAWAY is in our buffer
         assert p.goaway() == h2.ENHANCE_YOUR_CALM
@@ -102,8 +114,9 @@ def test_an_hpack_bomb_stops_at_the_header_list_limit(server):
     block = entry + h2.request_block(CALL) + h2.indexed(62) * 11000  # 44 MB decoded
     before = rss_mib(server)
     start = time.monotonic()
+    source = attacker_address()
     for _ in range(20):
-        calm(server, h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, block))
+        calm(server, h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, block), source=source)
     assert time.monotonic() - start < 10  # 20 bombs and 20 checks: no stall
     assert rss_mib(server) - before < 32  # ~1 GB decoded before the limit was enforced
 
@@ -176,7 +189,7 @@ def test_rapid_reset_costs_its_connection(server):
 
 
 def test_settings_cost_does_not_grow_with_entries_times_streams(server):
-    with h2.Peer(server.port).handshake() as p:
+    with h2.Peer(server.port, source=attacker_address()).handshake() as p:
         block = h2.request_block(CALL)
         opened = (h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block) for i in range(1000))
         p.send(b"".join(opened))
@@ -185,6 +198,50 @@ def test_settings_cost_does_not_grow_with_entries_times_streams(server):
         with h2.Peer(server.port).handshake() as other:
             assert other.ping() < 1.0  # was a window update per entry and stream: 2.9 M
         p.expect(lambda f: f.kind == h2.SETTINGS and f.flags & h2.ACK)
+
+
+# Reconnecting does not refill a budget
+
+
+def server_settings(p: h2.Peer) -> dict[int, int]:
+    got = p.expect(lambda f: f.kind == h2.SETTINGS and not f.flags & h2.ACK)
+    return dict(struct.iter_unpack(">HI", got.payload))
+
+
+def pings_taken(port: int, source: str, count: int) -> bool:
+    """Whether a connection from `source` is let send `count` PINGs at once."""
+    with h2.Peer(port, source=source).handshake() as p:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            p.send(h2.frame(h2.PING, 0, 0, bytes(8)) * count + h2.frame(h2.PING, 0, 0, b"last-one"))
+        got = p.expect(lambda f: f.kind == h2.GOAWAY or f.payload == b"last-one")
+        return got.kind == h2.PING
+
+
+def test_a_peer_that_reconnects_after_a_flood_gets_smaller_budgets(server):
+    source = attacker_address()
+    assert pings_taken(server.port, source, 500)  # a stranger's budget: 1000
+    for _ in range(3):
+        calm(server, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+    assert not pings_taken(server.port, source, 500)  # an eighth of it now
+    with h2.Peer(server.port, source=source).connect() as p:
+        assert server_settings(p)[h2.MAX_CONCURRENT_STREAMS] < 1024  # streams too
+    assert pings_taken(server.port, attacker_address(), 500)  # other addresses: whole
+    with h2.Peer(server.port).connect() as p:
+        assert server_settings(p)[h2.MAX_CONCURRENT_STREAMS] == 1024
+    answers_promptly(server)
+
+
+def test_a_penalty_fades(tmp_path_factory):
+    process = serve(tmp_path_factory, "fades", {"penalty_half_life_s": 0.3})
+    try:
+        source = attacker_address()
+        for _ in range(4):
+            calm(process, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+        assert not pings_taken(process.port, source, 500)
+        time.sleep(3)  # ten half-lives
+        assert pings_taken(process.port, source, 500)
+    finally:
+        process.terminate()
 
 
 # Timeouts

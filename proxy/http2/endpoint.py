@@ -136,6 +136,7 @@ class Endpoint(asyncio.Protocol):
         self.draining = False
         self.lingering = False  # GOAWAY sent for an error, input dropped until we close
         self.acked = False  # the peer acknowledged our SETTINGS
+        self.max_streams = limits.max_concurrent_streams  # what our SETTINGS advertise
         self.closed = asyncio.get_running_loop().create_future()
         self._buffer = b""
         self._started = not self.expects_preface
@@ -214,7 +215,7 @@ class Endpoint(asyncio.Protocol):
             0x2,
             0,
             0x3,
-            limits.max_concurrent_streams,
+            self.max_streams,
             0x4,
             limits.stream_window,
             0x6,

@@ -11,6 +11,7 @@ core's SETTINGS-ACK timeout.
 
 from __future__ import annotations
 
+import math
 import time
 
 from coalesce.config import Http2
@@ -43,6 +44,57 @@ class Budget:
 
     def earn(self, tokens: float) -> None:
         self.tokens = min(self.burst, self.tokens + tokens)
+
+    def scale(self, factor: float) -> None:
+        """Shrink burst and refill (a penalised peer's), keeping a couple of tokens so a
+        well-behaved exchange (a PING, a SETTINGS change) still fits."""
+        self.burst = self.tokens = max(self.burst * factor, min(self.burst, 2.0))
+        self.rate *= factor
+
+
+class Penalties:
+    """Per peer address, how often lately its connections were closed for misbehaving.
+
+    Budgets are per connection, so a peer that reconnects gets a fresh one each time:
+    a Rapid Reset or a flood from 100 short connections costs us 100 bursts. Each such
+    close adds a strike to the peer's address; the score halves every `half_life`
+    seconds, and a new connection from that address gets every budget scaled by
+    2^-score (down to 1/128). The attacker's next connections get a few tokens; other
+    addresses, and connections already open, are untouched.
+    """
+
+    FLOOR = 1 / 128
+    MAX_ADDRESSES = 65536
+
+    __slots__ = ("half_life", "scores")
+
+    def __init__(self, half_life: float) -> None:
+        self.half_life = half_life
+        self.scores: dict[str, tuple[float, float]] = {}  # address -> (score, as of when)
+
+    def _score(self, address: str, now: float) -> float:
+        score, when = self.scores.get(address, (0.0, now))
+        return score * 0.5 ** ((now - when) / self.half_life)
+
+    def strike(self, address: str) -> None:
+        if not self.half_life or not address:
+            return
+        now = time.monotonic()
+        scores = self.scores
+        if len(scores) >= self.MAX_ADDRESSES and address not in scores:  # forget the faded
+            for old in [a for a in scores if self._score(a, now) < 0.5] or list(scores):
+                del scores[old]
+        scores[address] = (min(self._score(address, now) + 1.0, 64.0), now)
+
+    def factor(self, address: str) -> float:
+        """What a new connection from `address` gets of each budget."""
+        if address not in self.scores:
+            return 1.0
+        score = self._score(address, time.monotonic())
+        if score < 0.5:
+            del self.scores[address]
+            return 1.0
+        return max(math.pow(2.0, -score), self.FLOOR)
 
 
 class ReceivePool:

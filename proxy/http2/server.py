@@ -20,6 +20,7 @@ from .endpoint import (
     CANCEL,
     ENHANCE_YOUR_CALM,
     GOAWAY,
+    INTERNAL_ERROR,
     NO_ERROR,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
@@ -30,7 +31,7 @@ from .endpoint import (
     Stream,
     frame,
 )
-from .limits import Limits, ReceivePool
+from .limits import Limits, Penalties, ReceivePool
 
 HAS_LENGTH = "content-length"  # check_fields' answer for a valid list with a content-length
 _CONNECTION_SPECIFIC = frozenset(
@@ -112,6 +113,8 @@ class ServerConnection(Endpoint):
         self.max_body = max_body
         self._on_close = on_close
         self.peer = ""
+        self.address = ""  # the peer's IP address
+        self.penalties: Penalties | None = None  # the Listener's
         self.auth: dict = {}  # the client certificate's names, under mutual TLS
         self.identify: Callable | None = None  # ssl object -> auth (set by the Listener)
         self.last_stream = 0  # the highest stream id the peer used
@@ -120,9 +123,17 @@ class ServerConnection(Endpoint):
         self._closed: set[int] = set()  # streams lately closed both ways
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
+        self.address = peer[0] if peer else ""
+        if self.penalties is not None:  # before our SETTINGS: they say how many streams
+            factor = self.penalties.factor(self.address)
+            if factor < 1.0:
+                for budget in self.budgets.values():
+                    budget.scale(factor)
+                floor = min(self.max_streams, 100)  # RFC 9113 6.5.2's recommended least
+                self.max_streams = max(int(self.max_streams * factor), floor)
+        super().connection_made(transport)
         identify = self.identify
         if identify is not None:
             self.auth = identify(transport.get_extra_info("ssl_object"))
@@ -160,7 +171,7 @@ class ServerConnection(Endpoint):
             self._spend("reset", "malformed requests")  # resets we are made to send count too
             self.reset(stream_id, PROTOCOL_ERROR)  # malformed (RFC 9113 8.1.1)
             return
-        if self.draining or len(self.streams) >= self.limits.max_concurrent_streams:
+        if self.draining or len(self.streams) >= self.max_streams:
             self._spend("empty_frame", "streams beyond SETTINGS_MAX_CONCURRENT_STREAMS")
             self.reset(stream_id, REFUSED_STREAM)
             return
@@ -284,6 +295,8 @@ class ServerConnection(Endpoint):
         self._close_if_done()
 
     def close(self, code: int, message: str, last_stream: int = 0, quiet: bool = False) -> None:
+        if self.penalties is not None and code not in NOT_STRIKES and not self.lingering:
+            self.penalties.strike(self.address)  # now: the close itself lingers a while
         super().close(code, message, last_stream or self.last_taken, quiet)
 
     def _close_if_done(self) -> None:
@@ -313,6 +326,11 @@ class ServerConnection(Endpoint):
                     self.stream_error(stream, CANCEL, spend=False)  # a body that stopped
 
 
+NOT_STRIKES = frozenset({NO_ERROR, INTERNAL_ERROR, SETTINGS_TIMEOUT})
+"""Closes that do not count against the peer's address: ours (a bug), and a peer gone
+quiet (its cost is a timer, not our loop's time)."""
+
+
 class _Refused(asyncio.Protocol):
     """A connection over max_connections: closed as soon as it is accepted."""
 
@@ -327,6 +345,7 @@ class Listener:
     def __init__(self, app: App, max_body: int, limits: Limits) -> None:
         self.app, self.max_body, self.limits = app, max_body, limits
         self.pool = ReceivePool(limits.max_buffered_bytes)
+        self.penalties = Penalties(limits.penalty_half_life_s)
         self.connections: set[ServerConnection] = set()
         self.refused = 0
         self._server: asyncio.Server | None = None
@@ -367,6 +386,7 @@ class Listener:
             self.app, self.max_body, self.connections.discard, self.limits, self.pool
         )
         connection.identify = self._identify
+        connection.penalties = self.penalties
         self.connections.add(connection)
         return connection
 

@@ -21,6 +21,7 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x6, 0x7
 CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x8, 0x9, 0xB
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3  # SETTINGS ids
 
 
 class Frame(NamedTuple):
@@ -88,8 +89,14 @@ def grpc_message(body: bytes = b"") -> bytes:
 class Peer:
     """One client connection, preface and SETTINGS sent by `connect`."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 5.0, source: str = ""
+    ) -> None:
+        """`source`: the local address to connect from (any 127.x.y.z is loopback), so a
+        test can be a peer with an address of its own."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0)
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
         self.frames: list[Frame] = []  # everything read so far
