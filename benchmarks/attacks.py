@@ -17,6 +17,10 @@ Then a baseline phase (no attack, `duration` s), the attack phase (`duration` s,
 attacker in processes of its own, so it takes nothing of this process's GIL), and a
 recovery phase (`--recovery` s, then the RSS "after").
 
+`--tls` runs the same against the TLS listener: a throwaway certificate, and the client,
+the prober and every attacker speaking TLS (ALPN h2); the control-net sink stays
+cleartext.
+
 Every attacker writes raw frames (tests/support/h2peer.py's encoders), reconnects
 whenever the server closes a connection or sends it GOAWAY, stops by itself at the
 end of its phase, and reports what it saw: connections, GOAWAYs and their codes,
@@ -49,6 +53,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -118,6 +123,8 @@ ATTACKER_GRACE_S = 15.0  # past its phase an attacker is killed
 OUT_HIGH = 1 << 18  # an attacker connection with this much unsent waits before more
 STALL_S = 5.0  # unsent bytes this long: the server stopped reading; the attacker gives up
 MAX_FRAME = 16384
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+TLS_CA = ""  # in an attacker process: the CA file of a TLS listener (--tls)
 
 
 # ---------------------------------------------------------------- the attacker side
@@ -174,7 +181,8 @@ class Conn:
         self.born = time.monotonic()
         self.stats = stats
         self.attack = attack
-        peer = Peer(port, timeout=max(timeout, 0.05))
+        tls = "" if attack.sink else TLS_CA  # the control's own listener is cleartext
+        peer = Peer(port, timeout=max(timeout, 0.05), tls=tls)
         self.sock = peer.sock
         self.sock.setblocking(False)
         stats["connections"] += 1
@@ -211,7 +219,7 @@ class Conn:
         while self.out and not self.closed:
             try:
                 sent = self.sock.send(self.out)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 return
             except OSError:  # reset by the server: what it sent before is still readable
                 self.read()
@@ -225,7 +233,7 @@ class Conn:
         while not self.closed:
             try:
                 chunk = self.sock.recv(1 << 18)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 return
             except OSError:
                 chunk = b""
@@ -754,6 +762,8 @@ def drain(sink: socket.socket, sunk: list[socket.socket]) -> list[socket.socket]
 
 
 def attacker_main(args) -> int:
+    global TLS_CA
+    TLS_CA = args.tls_ca
     lower_priority(args.nice)
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
@@ -776,20 +786,21 @@ def attacker_main(args) -> int:
 class Monitor:
     """The well-behaved client, the PING prober and the RSS sampler, in threads."""
 
-    def __init__(self, url: str, port: int, pid: int, concurrency: int) -> None:
+    def __init__(self, url: str, port: int, pid: int, concurrency: int, tls: str = "") -> None:
         import numpy as np
         import tritonclient.grpc as grpcclient
         from coalesce.example_model import load
 
         self.np = np
-        self.port, self.pid = port, pid
+        self.port, self.pid, self.tls = port, pid, tls
         self.records: list[tuple[float, float, int]] = []  # (end, latency s, 0 ok 1 error 2 wrong)
         self.pings: list[tuple[float, float]] = []  # (sent, rtt s)
         self.rss: list[tuple[float, float]] = []
         self.errors: Counter = Counter()
         self.ping_errors: Counter = Counter()
         self._stop = threading.Event()
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = (grpcclient.InferenceServerClient(url, ssl=True, root_certificates=tls)
+                       if tls else grpcclient.InferenceServerClient(url))
         model = load()
         rng = np.random.default_rng(1)
         self.inputs = []
@@ -842,7 +853,7 @@ class Monitor:
             start = time.monotonic()
             try:
                 if peer is None:
-                    peer = Peer(self.port, timeout=PING_TIMEOUT_S).handshake()
+                    peer = Peer(self.port, timeout=PING_TIMEOUT_S, tls=self.tls).handshake()
                     start = time.monotonic()
                 rtt = peer.ping(struct.pack(">Q", n), timeout=PING_TIMEOUT_S)
                 if len(peer.frames) > 1000:
@@ -981,15 +992,19 @@ def config(inline: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, inline: bool = False) -> Iterator[tuple[Process, int]]:
+def serve(tmp: Path, inline: bool = False, tls: dict | None = None
+          ) -> Iterator[tuple[Process, int]]:
     """`coalesce serve` with our HTTP/2 listener on a free port: (process, that port). The
-    listener is `fast_listen` where the config has it, else `listen` (which it became)."""
+    listener is `fast_listen` where the config has it, else `listen` (which it became);
+    `tls`: its `tls:` block."""
     from coalesce.config import Config
 
     port = free_port()
     key = "fast_listen" if "fast_listen" in Config.model_fields else "listen"
-    process = Process({key: f"127.0.0.1:{port}", "admin": None, **config(inline)}, tmp,
-                      ("--log-level", "WARNING"))
+    data = {key: f"127.0.0.1:{port}", "admin": None, **config(inline)}
+    if tls:
+        data["tls"] = tls
+    process = Process(data, tmp, ("--log-level", "WARNING"))
     try:
         yield process, port
     finally:
@@ -1036,13 +1051,19 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
     body_file.write_bytes(legit_body())
     split = cpu_split() if opts.pin else None
     quiet = wait_quiet(opts.quiet_wait) if opts.quiet_wait > 0 else float("nan")
-    with serve(tmp, opts.inline) as (proxy, port):
+    tls, ca = None, ""
+    if opts.tls:  # a throwaway CA and server certificate (localhost, 127.0.0.1)
+        from tests.support.certs import PKI
+
+        pki = PKI(tmp, f"attacks-{name}")
+        tls, ca = pki.tls(), str(pki.ca.path)
+    with serve(tmp, opts.inline, tls) as (proxy, port):
         pid = proxy.proc.pid
         if split is not None:
             pin(pid, split[0])
         boosted = renice(pid, opts.boost) if opts.boost else False
         url = f"127.0.0.1:{port}"
-        monitor = Monitor(url, port, pid, opts.legit_concurrency)
+        monitor = Monitor(url, port, pid, opts.legit_concurrency, ca)
         monitor.start()
         time.sleep(opts.warmup)
         b0 = time.monotonic()
@@ -1061,7 +1082,7 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
                 [sys.executable, "-m", "benchmarks.attacks", "--attacker", name,
                  "--port", str(port), "--start", repr(start), "--stop", repr(stop),
                  "--index", str(index), "--nice", str(opts.nice), "--body", str(body_file),
-                 "--cpus", attacker_cpus],
+                 "--cpus", attacker_cpus, "--tls-ca", ca],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                 stdout=subprocess.PIPE, stderr=err, start_new_session=True), err))
         sleep_until(start)
@@ -1100,6 +1121,7 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         "scenario": "attacks",
         "target": f"legit during {name}",
         "attack": name,
+        "tls": bool(opts.tls),
         "concurrency": opts.legit_concurrency,
         "duration_s": duration,
         "attacker_processes": attack.processes,
@@ -1205,7 +1227,8 @@ def format_row(row: dict) -> str:
         result += (f" (noisy: other load {row['other_cpu_baseline']:.1f} → "
                    f"{row['other_cpu_during']:.1f} cores)")
     return (
-        f"| {row['attack']} | {_f(row['baseline_rps'])} → {_f(row['throughput_rps'])} "
+        f"| {row['attack']}{' (TLS)' if row.get('tls') else ''} | "
+        f"{_f(row['baseline_rps'])} → {_f(row['throughput_rps'])} "
         f"({row['x_baseline_rps']:.2f}x) | {_f(row['baseline_p99_ms'], 2)} → "
         f"{_f(row['p99_ms'], 2)} ({row['x_baseline_p99']:.2f}x) | {_control(row)} | "
         f"{_f(row['ping_baseline_max_ms'], 1)} → {_f(row['ping_max_ms'], 1)} | "
@@ -1333,6 +1356,7 @@ def _defaults(args) -> argparse.Namespace:
         inline=getattr(args, "inline", False),
         quiet_wait=getattr(args, "quiet_wait", 20.0),
         pin=getattr(args, "pin", True), beside_server=getattr(args, "beside_server", False),
+        tls=getattr(args, "tls", False),
     )
 
 
@@ -1373,6 +1397,9 @@ def main(argv: list[str] | None = None) -> int:
                         "not in its thread pool")
     parser.add_argument("--beside-server", action="store_true",
                         help="run the attackers on the server's CPU instead of the client's")
+    parser.add_argument("--tls", action="store_true",
+                        help="attack the TLS listener (a throwaway certificate; the client, "
+                        "the prober and every attacker speak TLS, ALPN h2)")
     # one attacker process (started by run_attack)
     parser.add_argument("--attacker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -1381,6 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--body", help=argparse.SUPPRESS)
     parser.add_argument("--cpus", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-ca", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.attacker:
         return attacker_main(args)
@@ -1396,9 +1424,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"attacks-{stamp}"
+    out = RESULTS / f"attacks-{'tls-' if args.tls else ''}{stamp}"
     options = {k: v for k, v in vars(args).items()
-               if k not in ("attacker", "port", "start", "stop", "index", "body")}
+               if k not in ("attacker", "port", "start", "stop", "index", "body", "tls_ca")}
     out.with_suffix(".json").write_text(json.dumps({"args": options, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(text)
     print(f"wrote {out}.json and .md")

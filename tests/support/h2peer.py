@@ -9,6 +9,7 @@ or beside an in-process server's loop through `asyncio.to_thread`.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from typing import NamedTuple
@@ -90,13 +91,22 @@ class Peer:
     """One client connection, preface and SETTINGS sent by `connect`."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", timeout: float = 5.0, source: str = ""
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = 5.0,
+        source: str = "",
+        tls: str = "",
     ) -> None:
         """`source`: the local address to connect from (any 127.x.y.z is loopback), so a
-        test can be a peer with an address of its own."""
-        self.sock = socket.create_connection(
-            (host, port), timeout=timeout, source_address=(source, 0)
-        )
+        test can be a peer with an address of its own. `tls`: a CA file; the connection
+        is then TLS (ALPN h2, the server's certificate verified against that CA)."""
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
+        if tls:
+            context = ssl.create_default_context(cafile=tls)
+            context.set_alpn_protocols(["h2"])
+            sock = context.wrap_socket(sock, server_hostname=host)
+        self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
         self.frames: list[Frame] = []  # everything read so far
