@@ -923,6 +923,12 @@ class Pipeline(_Strict):
         "transaction. Redis adds results and acks inputs atomically (MULTI/EXEC) either way; "
         "NATS de-duplicates republished results by their Nats-Msg-Id.",
     )
+    ordering: Literal["as_ready", "input"] = Field(
+        "as_ready",
+        description="as_ready: each batch's results are published as soon as it is answered "
+        "(inputs are still committed once every result of the fetch is out). input: a "
+        "fetch's results are published together, in input order per partition.",
+    )
     max_in_flight: int = Field(
         10_000, ge=1, description="Most messages between consume and commit."
     )

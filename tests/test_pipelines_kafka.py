@@ -23,9 +23,12 @@ from confluent_kafka import Consumer, Producer
 
 from tests.support.kafka import Broker
 from tests.support.pipelines import (
+    ORDERING_BATCH,
+    ORDERING_DELAY_MS,
     affine_pipeline,
     bad_messages,
     batch_totals,
+    bursts,
     check_answer,
     grpc_caller,
     health,
@@ -69,7 +72,7 @@ def produce(broker: Broker, values: list[tuple[str, bytes]], topic: str = "reque
     assert producer.flush(30) == 0
 
 
-def reader(broker: Broker, topic: str, group: str, isolation: str = "read_committed"):
+def reader(broker: Broker, topic: str, group: str, isolation: str = "read_committed", **options):
     """A consumer of `topic` from its start, as a caller reading the outbox would."""
     consumer = Consumer(
         {
@@ -78,6 +81,7 @@ def reader(broker: Broker, topic: str, group: str, isolation: str = "read_commit
             "auto.offset.reset": "earliest",
             "isolation.level": isolation,
             "enable.auto.commit": False,
+            **options,
         }
     )
     consumer.subscribe([topic])
@@ -147,6 +151,43 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     batches, rows_in_batches = batch_totals(proxy, "affine")
     assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
     assert rows_in_batches / batches > 3, "messages that queued together share batches"
+
+
+@pytest.mark.parametrize("ordering", ["as_ready", "input"])
+def test_results_are_published_as_each_batch_is_answered_or_in_input_order(
+    broker, coalesce_process, ordering
+):
+    """A backlog of 40 one-row requests on one partition, batches of 4 rows taking 150 ms
+    each: as_ready (the default) publishes each batch's results as it is answered (the
+    offsets still commit once the fetch is done); input publishes the fetch at once, in
+    input order."""
+    broker.create_topics("requests", "results", "rejected", partitions=1)
+    values, x_of = messages(40)
+    produce(broker, values)
+    config = pipeline_config(broker, delay_ms=ORDERING_DELAY_MS)
+    config["backends"]["affine"]["batching"] = {"max_batch_size": ORDERING_BATCH}
+    if ordering == "input":
+        config["pipelines"]["scores"]["ordering"] = "input"
+    consumer = reader(broker, "results", "timing", **{"fetch.wait.max.ms": 5})
+    coalesce_process(config)
+    records, times = [], []
+    end = time.monotonic() + 60
+    try:
+        while len(records) < len(values) and time.monotonic() < end:
+            for record in consumer.consume(100, 0.01):
+                if record.error() is None:
+                    records.append(record)
+                    times.append(time.monotonic())
+    finally:
+        consumer.close()
+    keys = [check_result(r, x_of) for r in records]
+    assert sorted(keys) == sorted(x_of), "each request answered once"
+    groups = bursts(times)
+    if ordering == "as_ready":
+        assert max(groups) <= 2 * ORDERING_BATCH, groups
+    else:
+        assert max(groups) >= 16, groups
+        assert keys == list(x_of), "in input order"
 
 
 def test_bad_messages_go_to_the_dead_letter_topic_with_their_error(broker, coalesce_process):

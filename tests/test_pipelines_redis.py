@@ -22,9 +22,12 @@ from tests.client import inputs
 from tests.support.browser import dump_dom
 from tests.support.coalesce import ROOT, Process, free_port
 from tests.support.pipelines import (
+    ORDERING_BATCH,
+    ORDERING_DELAY_MS,
     affine_pipeline,
     bad_messages,
     batch_totals,
+    bursts,
     check_answer,
     grpc_caller,
     messages,
@@ -79,6 +82,18 @@ def check_entry(fields: dict[bytes, bytes], x_of: dict[str, np.ndarray]) -> str:
     return check_answer(key, headers, fields[b"value"], x_of, "requests")
 
 
+def arrivals(server: RedisServer, stream: str, count: int, timeout: float = 60) -> list[float]:
+    """When each of the first `count` entries of `stream` appeared (a blocking reader)."""
+    client = server.client()
+    times: list[float] = []
+    last, end = "0", time.monotonic() + timeout
+    while len(times) < count and time.monotonic() < end:
+        for _, entries in client.xread({stream: last}, block=1000) or []:
+            times += [time.monotonic()] * len(entries)
+            last = entries[-1][0]
+    return times
+
+
 def pending(server: RedisServer) -> int:
     return server.client().xpending("requests", "coalesce-scores")["pending"]
 
@@ -121,6 +136,33 @@ def test_every_entry_gets_its_own_result_and_grpc_callers_share_the_batcher(
     batches, rows_in_batches = batch_totals(proxy, "affine")
     assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
     assert rows_in_batches / batches > 3, "entries that queued together share batches"
+
+
+@pytest.mark.parametrize("ordering", ["as_ready", "input"])
+def test_results_are_published_as_each_batch_is_answered_or_in_input_order(
+    server, coalesce_process, ordering
+):
+    """A backlog of 40 one-row entries, batches of 4 rows taking 150 ms each: as_ready
+    (the default) publishes each batch's results as it is answered; input publishes a
+    whole fetch (the first is 16 entries, the next the other 24) at once, in order."""
+    config = pipeline_config(server, delay_ms=ORDERING_DELAY_MS)
+    config["backends"]["affine"]["batching"] = {"max_batch_size": ORDERING_BATCH}
+    if ordering == "input":
+        config["pipelines"]["scores"]["ordering"] = "input"
+    values, x_of = messages(40)
+    add(server, values)
+    coalesce_process(config)
+    times = arrivals(server, "results", len(values))
+    results = read(server, "results", len(values))
+    keys = [check_entry(fields, x_of) for fields in results]
+    assert sorted(keys) == sorted(x_of), "each request answered once"
+    groups = bursts(times)
+    if ordering == "as_ready":
+        assert max(groups) <= 2 * ORDERING_BATCH, groups
+    else:
+        assert max(groups) >= 16, groups
+        assert keys == list(x_of), "in input order"
+    until(lambda: pending(server) == 0, "every input acknowledged")
 
 
 def test_a_kill_9_mid_stream_leaves_each_result_exactly_once(server, coalesce_process):

@@ -89,7 +89,9 @@ class KafkaConnector:
             producer["enable.idempotence"] = True
         self._producer = Producer(producer)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-{name}")
-        self._failures: list[str] = []
+        self._failures: list[str] = []  # delivery reports of this cycle's failures
+        self._in_transaction = False  # the cycle's transaction is begun (exactly_once)
+        self._early: list[asyncio.Future[None]] = []  # publish calls not yet done
         self._checked = 0.0
 
     def _error(self, error: KafkaError) -> None:
@@ -183,26 +185,40 @@ class KafkaConnector:
                 lag[position.partition] = max(high - done, 0)
         self.lag = lag
 
+    async def publish(self, out: list[Outgoing]) -> None:
+        """Handed to the client's thread without waiting: it runs them in order, this
+        cycle's `complete` after them, so the cycle goes on while they are produced."""
+        loop = asyncio.get_running_loop()
+        self._early.append(loop.run_in_executor(self._thread, lambda: self._send(out)))
+
+    def _send(self, out: list[Outgoing]) -> None:
+        """Produce what is not yet sent, inside the cycle's transaction (begun by the
+        first send) under exactly_once."""
+        if self.exactly_once and not self._in_transaction:
+            self._transaction(self._producer.begin_transaction)
+            self._in_transaction = True
+        sink = self.spec.sink.topic
+        dead = self.spec.dead_letter.topic if self.spec.dead_letter else None
+        for item in out:
+            topic = dead if item.dead else sink
+            if topic is not None and not item.sent:
+                self._produce(topic, item)
+            item.sent = True
+
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
         offsets = {}
         for message in taken:  # the next offset to read, per partition
             key = (message.topic, message.partition)
             offsets[key] = max(offsets.get(key, 0), message.offset + 1)
         positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        early, self._early = self._early, []
+        await asyncio.gather(*early, return_exceptions=True)  # what failed is sent again
         await self._call(lambda: self._publish(out, positions))
         self._committed.update(offsets)
 
     def _publish(self, out: list[Outgoing], positions: list[TopicPartition]) -> None:
-        sink = self.spec.sink.topic
-        dead = self.spec.dead_letter.topic if self.spec.dead_letter else None
-        self._failures.clear()
-        if self.exactly_once:
-            self._transaction(self._producer.begin_transaction)
         try:
-            for item in out:
-                topic = dead if item.dead else sink
-                if topic is not None:
-                    self._produce(topic, item)
+            self._send(out)
             if self.exactly_once:
                 metadata = self._consumer.consumer_group_metadata()
                 self._transaction(
@@ -211,6 +227,7 @@ class KafkaConnector:
                     )
                 )
                 self._transaction(lambda: self._producer.commit_transaction(TIMEOUT_S))
+                self._in_transaction = False
                 return
             left = self._producer.flush(TIMEOUT_S)
             if left or self._failures:
@@ -218,9 +235,14 @@ class KafkaConnector:
                 raise BrokerError(f"publishing results failed: {problem}")
             self._commit(positions)
         except BaseException:
-            if self.exactly_once:
+            if self.exactly_once and self._in_transaction:
                 self._abort()
+                self._in_transaction = False
+            for item in out:  # aborted, or perhaps not delivered: all of them again
+                item.sent = False
             raise
+        finally:
+            self._failures.clear()
 
     def _commit(self, positions: list[TopicPartition]) -> None:
         """Commit what was published, without publishing it again: a commit refused by a

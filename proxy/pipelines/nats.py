@@ -249,13 +249,19 @@ class NatsConnector:
             ref=msg,
         )
 
+    async def publish(self, out: list[Outgoing]) -> None:
+        """Results published and confirmed, then their inputs acked, as `complete` does."""
+        await self.complete([item.source for item in out], out)
+        for item in out:
+            item.sent = True
+
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
         """Publish every result, await every PubAck, then ack the inputs and flush: the
         server has every ack once its PONG is back (~200k acks/s here, ack_sync one by
         one ~12k/s). A retry publishes the same ids again: the server drops repeats."""
         sink = self.spec.sink.topic
         dead = self.spec.dead_letter.topic if self.spec.dead_letter else None
-        outgoing = [(dead if o.dead else sink, o) for o in out]
+        outgoing = [(dead if o.dead else sink, o) for o in out if not o.sent]
         try:
             async with asyncio.timeout(TIMEOUT_S):
                 acks = await self._publish([(s, o) for s, o in outgoing if s is not None])

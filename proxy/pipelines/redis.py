@@ -186,12 +186,21 @@ class RedisConnector:
         headers = [(k.decode(errors="replace"), v) for k, v in fields.items()]
         return Message(value, key, headers, self.stream, 0, entry_id.decode())
 
+    async def publish(self, out: list[Outgoing]) -> None:
+        """Each result added and its input acknowledged at once, as `complete` does."""
+        await self.complete([item.source for item in out], out)
+        for item in out:
+            item.sent = True
+
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
         sink = self.spec.sink.topic
         dead = self.spec.dead_letter.topic if self.spec.dead_letter else None
         args: list[bytes | str | int] = [self.group]
         answered = set()
         for item in out:
+            answered.add(item.source.offset)
+            if item.sent:  # added, its input acknowledged, by `publish`
+                continue
             where = (2 if dead else 0) if item.dead else 1
             fields: list[bytes | str] = [b"value", item.value]
             if item.source.key is not None:
@@ -202,10 +211,11 @@ class RedisConnector:
                 args += [item.source.offset, where, len(fields) // 2, *fields]
             else:  # rejected, and no dead-letter stream: acknowledged, not kept
                 args += [item.source.offset, 0, 0]
-            answered.add(item.source.offset)
         for message in taken:
             if message.offset not in answered:
                 args += [message.offset, 0, 0]
+        if len(args) == 1:
+            return
         try:
             await self._complete(keys=[self.stream, sink, dead or sink], args=args)
         except RedisError as exc:

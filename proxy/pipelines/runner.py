@@ -4,7 +4,9 @@ publish the results, and only then commit.
 Batching follows the backlog: a fetch returns whatever has arrived (up to
 `max_in_flight`), and every message of it is submitted at once to the same batcher
 gRPC and REST callers use, so a lone message goes at once and a backlog makes big
-batches. One cycle at a time: consuming resumes only once the last cycle's results
+batches. Each batch's results are published as soon as it is answered (`ordering:
+as_ready`), or the cycle's together in input order (`input`); its inputs are committed
+once all are out. One cycle at a time: consuming resumes only once the last cycle's results
 and offsets are committed, so a rebalance (which librdkafka runs inside the consume
 call) never finds work in flight, and memory holds at most `max_in_flight` messages.
 
@@ -20,6 +22,7 @@ import asyncio
 import importlib
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,6 +81,7 @@ class Outgoing:
     value: bytes
     headers: list[tuple[str, bytes]]
     dead: bool = False
+    sent: bool = False  # published ahead of its cycle's commit (ordering: as_ready)
 
 
 class Connector(Protocol):
@@ -93,8 +97,15 @@ class Connector(Protocol):
         """What has arrived, up to `limit` messages and about `max_bytes` of values (the
         message that passes it is the last); waits a moment for one when none has."""
 
+    async def publish(self, out: list[Outgoing]) -> None:
+        """Publish results before their cycle commits (`ordering: as_ready`), marking
+        each `sent` once it is. Where the broker acknowledges per message (Redis, NATS)
+        their inputs are settled too."""
+
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
-        """Publish `out` and commit `taken` (atomically where the broker can)."""
+        """Publish what of `out` is not `sent` and commit `taken` (atomically where the
+        broker can). Where a failure undoes what was sent early (an aborted
+        transaction), the connector clears their `sent`, so a retry sends them again."""
 
     async def close(self) -> None: ...
 
@@ -376,45 +387,38 @@ class Runner:
         out: list[Outgoing | None],
         retry: list[int],
     ) -> list[int]:
-        """Submit each chunk, wait for all, settle their messages; return the members of
-        chunks of several that failed for good (to be tried alone)."""
-        # Leave room in the batcher's queue for other callers: at most half of it ours.
+        """Submit each chunk and settle its messages once answered, oldest first; return
+        the members of chunks of several that failed for good (to be tried alone).
+
+        At most half the batcher's queue is ours at a time (room for other callers):
+        once that many chunks wait, the oldest is settled before the next goes in. With
+        `ordering: as_ready` each settled chunk's results are published at once."""
         batcher = backend.batcher
-        room = asyncio.Semaphore(max(1, batcher.max_queue // 2 // max(1, batcher.capacity())))
-        futures: list[tuple[list[int], asyncio.Future[Any]]] = []
+        slots = max(1, batcher.max_queue // 2 // max(1, batcher.capacity()))
+        waiting: deque[tuple[list[int], asyncio.Future[Any]]] = deque()
         alone: list[int] = []
+        settle = _Settle(self, backend, taken, decoded, out, retry, alone)
         for chunk in chunks:
-            await room.acquire()
+            if len(waiting) >= slots:
+                await settle(*waiting.popleft())
             try:
                 future = backend.submit(self._request(chunk, decoded))
             except CoalesceError as exc:
-                room.release()
                 self._failed(chunk, exc, taken, out, retry, alone)
                 continue
-            future.add_done_callback(lambda _: room.release())
-            futures.append((chunk, future))
-        if futures:
-            await asyncio.wait([f for _, f in futures])
-        info = backend.info()
-        version = info.versions[0] if info.versions else ""
-        route, kind = self.spec.route, self.spec.format
-        pause = Pause()
-        for chunk, future in futures:
-            await pause.after(sum(len(taken[i].value) for i in chunk))
-            error = future.exception()
-            if error is not None:
-                self._failed(chunk, error, taken, out, retry, alone)
-                continue
-            counts = [decoded[i].request.rows for i in chunk]
-            parts = batching.split(future.result(), counts, backend.name)
-            for i, outputs in zip(chunk, parts, strict=True):
-                try:
-                    value, headers = formats.encode(kind, route, version, decoded[i], outputs)
-                except CoalesceError as exc:
-                    out[i] = self._dead(taken[i], exc)
-                    continue
-                out[i] = Outgoing(taken[i], value, self._headers(taken[i], headers, decoded[i]))
+            waiting.append((chunk, future))
+        while waiting:
+            await settle(*waiting.popleft())
         return alone
+
+    async def _publish_early(self, items: list[Outgoing]) -> None:
+        """Results out before their cycle commits; what the broker refuses now is left
+        to `complete`, which publishes whatever is not yet `sent`."""
+        if items:
+            try:
+                await self.connector.publish(items)
+            except BrokerError as exc:
+                log.debug("pipeline %s: early publish failed (left to commit): %s", self.name, exc)
 
     def _request(self, chunk: list[int], decoded: dict[int, formats.Decoded]) -> InferRequest:
         """One message's request, or a chunk's rows as one request."""
@@ -485,6 +489,50 @@ class Runner:
             "last_cycle_messages": c.last_cycle,
             "errors": dict(c.errors),
         }
+
+
+class _Settle:
+    """Settling one answered chunk of a cycle: each message's Outgoing (its result, or
+    its dead letter), published at once under `ordering: as_ready`."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        backend: Backend,
+        taken: list[Message],
+        decoded: dict[int, formats.Decoded],
+        out: list[Outgoing | None],
+        retry: list[int],
+        alone: list[int],
+    ) -> None:
+        self.runner, self.backend, self.taken, self.decoded = runner, backend, taken, decoded
+        self.out, self.retry, self.alone = out, retry, alone
+        info = backend.info()
+        self.version = info.versions[0] if info.versions else ""
+        self.early = runner.spec.ordering == "as_ready"
+        self.pause = Pause()
+
+    async def __call__(self, chunk: list[int], future: asyncio.Future[Any]) -> None:
+        runner, taken, decoded, out = self.runner, self.taken, self.decoded, self.out
+        if not future.done():
+            await asyncio.wait([future])
+        await self.pause.after(sum(len(taken[i].value) for i in chunk))
+        error = future.exception()
+        if error is not None:
+            runner._failed(chunk, error, taken, out, self.retry, self.alone)
+            return
+        route, kind = runner.spec.route, runner.spec.format
+        counts = [decoded[i].request.rows for i in chunk]
+        parts = batching.split(future.result(), counts, self.backend.name)
+        for i, outputs in zip(chunk, parts, strict=True):
+            try:
+                value, headers = formats.encode(kind, route, self.version, decoded[i], outputs)
+            except CoalesceError as exc:
+                out[i] = runner._dead(taken[i], exc)
+                continue
+            out[i] = Outgoing(taken[i], value, runner._headers(taken[i], headers, decoded[i]))
+        if self.early:
+            await runner._publish_early([o for i in chunk if (o := out[i]) is not None])
 
 
 class Pipelines:

@@ -4,6 +4,7 @@ result answers its own request, and the sidecar's /readyz and /metrics."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -50,6 +51,21 @@ def check_answer(
     np.testing.assert_allclose(outputs["y"], expected["y"], rtol=1e-6)
     np.testing.assert_allclose(outputs["s"], expected["s"], rtol=1e-5)
     return key
+
+
+def bursts(arrivals: list[float], gap: float = 0.04) -> list[int]:
+    """How many results arrived together: the sizes of the groups of `arrivals` (times,
+    in order) that no pause longer than `gap` seconds separates."""
+    sizes = [1] if arrivals else []
+    for before, after in itertools.pairwise(arrivals):
+        if after - before > gap:
+            sizes.append(0)
+        sizes[-1] += 1
+    return sizes
+
+
+ORDERING_BATCH = 4  # rows per batch in the ordering tests (their backend's max_batch_size)
+ORDERING_DELAY_MS = 150  # a batch's time in them: batches of one fetch end that far apart
 
 
 def until(condition, what: str, timeout: float = 60) -> None:
