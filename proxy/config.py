@@ -927,7 +927,8 @@ class Pipeline(_Strict):
         "as_ready",
         description="as_ready: each batch's results are published as soon as it is answered "
         "(inputs are still committed once every result of the fetch is out). input: a "
-        "fetch's results are published together, in input order per partition.",
+        "fetch's results are published together, in input order per partition. Under Kafka "
+        "exactly_once results go out at the cycle's commit either way.",
     )
     max_in_flight: int = Field(
         10_000, ge=1, description="Most messages between consume and commit."

@@ -190,6 +190,35 @@ def test_results_are_published_as_each_batch_is_answered_or_in_input_order(
         assert keys == list(x_of), "in input order"
 
 
+def test_exactly_once_holds_no_transaction_open_while_a_cycle_is_inferred(broker, coalesce_process):
+    """Under exactly_once results go out at the cycle's commit, as_ready or not: a
+    transaction open through the cycle would hold back every read_committed reader of
+    the outbox (here a record another producer writes mid-cycle) until it commits."""
+    broker.create_topics("requests", "results", "rejected", partitions=1)
+    values, x_of = messages(40)
+    produce(broker, values)
+    config = pipeline_config(broker, delivery="exactly_once", delay_ms=ORDERING_DELAY_MS)
+    config["backends"]["affine"]["batching"] = {"max_batch_size": ORDERING_BATCH}
+    consumer = reader(broker, "results", "timing", **{"fetch.wait.max.ms": 5})
+    proxy = coalesce_process(config)
+    until(lambda: batch_totals(proxy, "affine")[0] >= 3, "three batches answered")
+    produce(broker, [("marker", b"not a result")], topic="results")
+    written = time.monotonic()
+    records, seen = [], None
+    end = time.monotonic() + 60
+    try:
+        while len(records) < len(values) and time.monotonic() < end:
+            for record in consumer.consume(100, 0.01):
+                if record.error() is None and record.key() == b"marker":
+                    seen = time.monotonic() - written
+                elif record.error() is None:
+                    records.append(record)
+    finally:
+        consumer.close()
+    assert sorted(check_result(r, x_of) for r in records) == sorted(x_of)
+    assert seen is not None and seen < 0.5, f"the other producer's record waited {seen} s"
+
+
 def test_bad_messages_go_to_the_dead_letter_topic_with_their_error(broker, coalesce_process):
     broker.create_topics("requests", "results", "rejected")
     proxy = coalesce_process(pipeline_config(broker))

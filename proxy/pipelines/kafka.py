@@ -187,13 +187,21 @@ class KafkaConnector:
 
     async def publish(self, out: list[Outgoing]) -> None:
         """Handed to the client's thread without waiting: it runs them in order, this
-        cycle's `complete` after them, so the cycle goes on while they are produced."""
+        cycle's `complete` after them, so the cycle goes on while they are produced.
+
+        Not under exactly_once: there results go out at commit, in the cycle's
+        transaction. A read_committed reader would see nothing sooner anyway, and a
+        transaction held open through a long cycle (a backend down, retried for
+        minutes) would hold every reader of those partitions back and then time out,
+        fencing this producer."""
+        if self.exactly_once:
+            return
         loop = asyncio.get_running_loop()
         self._early.append(loop.run_in_executor(self._thread, lambda: self._send(out)))
 
     def _send(self, out: list[Outgoing]) -> None:
-        """Produce what is not yet sent, inside the cycle's transaction (begun by the
-        first send) under exactly_once."""
+        """Produce what is not yet sent (inside the cycle's transaction, begun here,
+        under exactly_once)."""
         if self.exactly_once and not self._in_transaction:
             self._transaction(self._producer.begin_transaction)
             self._in_transaction = True
