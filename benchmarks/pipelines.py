@@ -15,7 +15,8 @@ bench MLP (benchmarks/bench_model.py), a `local` backend. Rows:
    message, decode the JSON, call the model on its one row, encode, produce the
    result, commit asynchronously;
 4. latency at a light 100 messages/s: produce-to-result p50/p99 (each result carries
-   its request's headers, so the send time rides along).
+   its request's headers, so the send time rides along); the caller produces with
+   linger.ms 0 and the reader, assigned its partitions, takes each result as it comes.
 
 Every result is checked against its own request. Prints a table and writes
 benchmarks/results/pipelines-<time>.json.
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from coalesce.codecs import wire
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from benchmarks import bench_model
 from benchmarks.run import RESULTS, infer_request
@@ -55,7 +56,10 @@ def bodies(count: int, kind: str = "kserve-json") -> tuple[list[bytes], np.ndarr
 
 
 def produce(broker: Broker, topic: str, values: list[bytes], rate: float | None = None) -> None:
-    producer = Producer({"bootstrap.servers": broker.address, "linger.ms": 2})
+    # A paced caller sends each request at once (linger 0): its own batching delay is
+    # not the pipeline's latency. A backlog is produced in batches, as fast as it goes.
+    linger = 0 if rate else 2
+    producer = Producer({"bootstrap.servers": broker.address, "linger.ms": linger})
     start = time.perf_counter()
     for i, value in enumerate(values):
         if rate:
@@ -74,6 +78,9 @@ def produce(broker: Broker, topic: str, values: list[bytes], rate: float | None 
 
 
 def consumer(broker: Broker, topic: str, group: str) -> Consumer:
+    """A reader of every partition from the start, assigned rather than subscribed: a
+    group join takes a rebalance's time, which would count as the first results'
+    latency (~400 ms) and as the consume ceiling's."""
     c = Consumer(
         {
             "bootstrap.servers": broker.address,
@@ -83,19 +90,29 @@ def consumer(broker: Broker, topic: str, group: str) -> Consumer:
             "enable.auto.commit": False,
         }
     )
-    c.subscribe([topic])
+    partitions = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     return c
 
 
-def drain(broker: Broker, topic: str, count: int, expected: np.ndarray | None, group: str):
+def drain(
+    broker: Broker,
+    topic: str,
+    count: int,
+    expected: np.ndarray | None,
+    group: str,
+    prompt: bool = False,
+):
     """Read `count` records; (time the last arrived, latencies from their `sent` header,
-    wrong answers)."""
+    wrong answers). `prompt` takes each record as it arrives (for latency): a batch
+    consume waits out its timeout, which would count as latency."""
     c = consumer(broker, topic, group)
     seen, wrong, latencies, last = set(), 0, [], 0.0
     end = time.monotonic() + 600
     try:
         while len(seen) < count and time.monotonic() < end:
-            for record in c.consume(5000, 0.005):  # librdkafka waits out the timeout
+            taken = [c.poll(0.1)] if prompt else c.consume(5000, 0.005)
+            for record in filter(None, taken):
                 if record.error() is not None:
                     continue
                 now = time.time()
@@ -122,12 +139,12 @@ def _output(value: bytes) -> np.ndarray:
 
 
 def reading(broker: Broker, topic: str, count: int, expected, group: str):
-    """drain() on a thread of its own: (the thread, the dict it fills)."""
+    """drain(prompt=True) on a thread of its own: (the thread, the dict it fills)."""
     result: dict = {}
 
     def read() -> None:
         result["last"], result["latencies"], result["wrong"] = drain(
-            broker, topic, count, expected, group
+            broker, topic, count, expected, group, prompt=True
         )
 
     reader = threading.Thread(target=read)

@@ -17,6 +17,7 @@ the same transactional.id aborts its predecessor's open transaction at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -119,6 +120,15 @@ class KafkaConnector:
                 lambda: self._transaction(lambda: self._producer.init_transactions(TIMEOUT_S))
             )
         await self._probe()
+        await self._call(self._warm)
+
+    def _warm(self) -> None:
+        """Learn the outboxes' leaders now: else the first result waits for a metadata
+        request and a new connection (tens of ms)."""
+        dead = self.spec.dead_letter
+        for topic in filter(None, (self.spec.sink.topic, dead and dead.topic)):
+            with contextlib.suppress(KafkaException):  # unreachable: the first result learns
+                self._producer.list_topics(topic, timeout=1.0)
 
     async def _probe(self) -> None:
         """Whether a broker answers (a metadata request), at most once a second."""
