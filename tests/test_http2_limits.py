@@ -114,9 +114,8 @@ def test_an_hpack_bomb_stops_at_the_header_list_limit(server):
     block = entry + h2.request_block(CALL) + h2.indexed(62) * 11000  # 44 MB decoded
     before = rss_mib(server)
     start = time.monotonic()
-    source = attacker_address()
-    for _ in range(20):
-        calm(server, h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, block), source=source)
+    for _ in range(20):  # from 20 addresses: one reconnecting is held (the penalty tests)
+        calm(server, h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1, block))
     assert time.monotonic() - start < 10  # 20 bombs and 20 checks: no stall
     assert rss_mib(server) - before < 32  # ~1 GB decoded before the limit was enforced
 
@@ -228,6 +227,24 @@ def test_a_peer_that_reconnects_after_a_flood_gets_smaller_budgets(server):
     assert pings_taken(server.port, attacker_address(), 500)  # other addresses: whole
     with h2.Peer(server.port).connect() as p:
         assert server_settings(p)[h2.MAX_CONCURRENT_STREAMS] == 1024
+    answers_promptly(server)
+
+
+def test_a_penalised_address_waits_before_it_is_answered(server):
+    """Each reconnect after a close for misbehaving is held longer (2^score ms, at most
+    a second) before we read or answer it: flooding from fresh connections is slow."""
+    source = attacker_address()
+    for _ in range(10):
+        calm(server, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+
+    def answered(address: str) -> float:
+        start = time.monotonic()
+        with h2.Peer(server.port, source=address).connect() as p:
+            server_settings(p)
+        return time.monotonic() - start
+
+    assert answered(source) > 0.4
+    assert answered(attacker_address()) < 0.2
     answers_promptly(server)
 
 

@@ -136,7 +136,7 @@ def environments(cache: Path) -> list[Path]:
 @pytest.mark.timeout(2 * BUILD_S)
 @pytest.mark.parametrize("installer", ["uv", "pip"])
 def test_a_pinned_numpy_builds_serves_and_is_reused_from_the_cache_on_restart(
-    tmp_path, installer, monkeypatch
+    tmp_path, installer, monkeypatch, coalesce_process
 ):
     if installer == "pip":
         hide_uv(monkeypatch)
@@ -145,7 +145,7 @@ def test_a_pinned_numpy_builds_serves_and_is_reused_from_the_cache_on_restart(
     # Hold the environment's build lock, as another sidecar building it would: the
     # backend waits, and the test sees it NOT_SERVING however fast the build is.
     with held(build_lock(tmp_path / "cache")):
-        proxy = Process(data, tmp_path)
+        proxy = coalesce_process(data)
         wait_for(lambda: "waiting for another build" in proxy.output())
         assert health(proxy.url, "pinned") == NOT_SERVING
         message = unavailable(proxy)
@@ -167,7 +167,7 @@ def test_a_pinned_numpy_builds_serves_and_is_reused_from_the_cache_on_restart(
     assert proxy.terminate() == 0
 
     began = time.monotonic()
-    again = Process(data, tmp_path)
+    again = coalesce_process(data)
     wait_for(lambda: health(again.url, "pinned") == SERVING, 60)
     warm = time.monotonic() - began
     assert version_of(again) == "1.26.4"
@@ -177,9 +177,11 @@ def test_a_pinned_numpy_builds_serves_and_is_reused_from_the_cache_on_restart(
 
 
 @pytest.mark.timeout(BUILD_S)
-def test_a_bad_requirement_fails_that_backend_only_and_a_reload_tries_again(tmp_path):
+def test_a_bad_requirement_fails_that_backend_only_and_a_reload_tries_again(
+    tmp_path, coalesce_process
+):
     bad = "coalesce-no-such-package-xyzzy==0.0.1"
-    proxy = Process(two_backends(tmp_path, requirements=[bad]), tmp_path)
+    proxy = coalesce_process(two_backends(tmp_path, requirements=[bad]))
     wait_for(lambda: "failed to build" in proxy.output(), BUILD_S)
     message = unavailable(proxy)
     assert "Python environment failed to build" in message
@@ -251,13 +253,15 @@ def test_requirements_and_code_are_checked_when_the_config_is_read(tmp_path):
         assert any(problem in p for p in error.value.problems), error.value.problems
 
 
-def test_the_example_config_builds_and_answers_with_its_pinned_numpy(tmp_path):
+def test_the_example_config_builds_and_answers_with_its_pinned_numpy(
+    tmp_path, coalesce_process
+):
     """config/python_runtime.yaml, served as its comment says (from the repository root)."""
     data = yaml.safe_load((ROOT / "config" / "python_runtime.yaml").read_text())
     for key in ("listen", "admin"):
         data.pop(key)
     data["backends"]["pinned"]["cache_dir"] = str(tmp_path / "cache")
-    proxy = Process(data, tmp_path)
+    proxy = coalesce_process(data)
     wait_for(lambda: health(proxy.url, "pinned") == SERVING, BUILD_S)
     with tc.InferenceServerClient(proxy.url) as client:
         result = client.infer("pinned", [_features()])

@@ -61,9 +61,15 @@ class Penalties:
     seconds, and a new connection from that address gets every budget scaled by
     2^-score (down to 1/128). The attacker's next connections get a few tokens; other
     addresses, and connections already open, are untouched.
+
+    Smaller budgets alone make an attacker reconnect sooner, and every reconnect costs
+    us an accept and a handshake: so a penalised address's new connection is also
+    held, unread, for 2^score ms (at most a second) before we answer it. A held
+    socket costs us nothing; its peer waits.
     """
 
     FLOOR = 1 / 128
+    MAX_HOLD_S = 1.0
     MAX_ADDRESSES = 65536
 
     __slots__ = ("half_life", "scores")
@@ -86,15 +92,17 @@ class Penalties:
                 del scores[old]
         scores[address] = (min(self._score(address, now) + 1.0, 64.0), now)
 
-    def factor(self, address: str) -> float:
-        """What a new connection from `address` gets of each budget."""
+    def check(self, address: str) -> tuple[float, float]:
+        """For a new connection from `address`: (its share of each budget, how many
+        seconds it is held before we read it)."""
         if address not in self.scores:
-            return 1.0
+            return 1.0, 0.0
         score = self._score(address, time.monotonic())
         if score < 0.5:
             del self.scores[address]
-            return 1.0
-        return max(math.pow(2.0, -score), self.FLOOR)
+            return 1.0, 0.0
+        hold = min(0.001 * math.pow(2.0, score), self.MAX_HOLD_S)
+        return max(math.pow(2.0, -score), self.FLOOR), hold
 
 
 class ReceivePool:

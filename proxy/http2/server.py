@@ -120,19 +120,35 @@ class ServerConnection(Endpoint):
         self.last_stream = 0  # the highest stream id the peer used
         self.last_taken = 0  # the highest we took on: what a GOAWAY names (6.8)
         self.born = self.idle_since = self._loop.time()
+        self.on_hold: asyncio.BaseTransport | None = None  # a penalised peer's, until let in
         self._closed: set[int] = set()  # streams lately closed both ways
 
     def connection_made(self, transport) -> None:
         peer = transport.get_extra_info("peername")
         self.peer = f"ipv4:{peer[0]}:{peer[1]}" if peer else ""
         self.address = peer[0] if peer else ""
+        hold = 0.0
         if self.penalties is not None:  # before our SETTINGS: they say how many streams
-            factor = self.penalties.factor(self.address)
+            factor, hold = self.penalties.check(self.address)
             if factor < 1.0:
                 for budget in self.budgets.values():
                     budget.scale(factor)
                 floor = min(self.max_streams, 100)  # RFC 9113 6.5.2's recommended least
                 self.max_streams = max(int(self.max_streams * factor), floor)
+        if hold:  # unread and unanswered meanwhile; its timeouts start once it is let in
+            self.on_hold = transport
+            transport.pause_reading()
+            self.born = self.idle_since = self.born + hold
+            self._loop.call_later(hold, self._let_in, transport)
+            return
+        self._let_in(transport)
+
+    def _let_in(self, transport) -> None:
+        if self.on_hold is not None:
+            self.on_hold = None
+            if transport.is_closing():
+                return
+            transport.resume_reading()
         super().connection_made(transport)
         identify = self.identify
         if identify is not None:
@@ -404,12 +420,16 @@ class Listener:
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
-            connection.goaway()
+            if connection.on_hold is not None:  # not yet answered: nothing to say to it
+                connection.on_hold.close()
+            else:
+                connection.goaway()
         waiting = [c.closed for c in self.connections]
         if waiting:
             await asyncio.wait(waiting, timeout=grace)
 
     def abort(self) -> None:
         for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.close()
+            transport = connection.transport or connection.on_hold
+            if transport is not None:
+                transport.close()

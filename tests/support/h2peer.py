@@ -8,6 +8,7 @@ or beside an in-process server's loop through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import ssl
 import struct
@@ -87,6 +88,15 @@ def grpc_message(body: bytes = b"") -> bytes:
     return b"\x00" + struct.pack(">I", len(body)) + body
 
 
+_own = itertools.count()
+
+
+def own_address() -> str:
+    """A loopback address no other Peer of this process had (127.100.0.2 onwards)."""
+    n = next(_own)
+    return f"127.{100 + n // 62500 % 100}.{n // 250 % 250}.{n % 250 + 2}"
+
+
 class Peer:
     """One client connection, preface and SETTINGS sent by `connect`."""
 
@@ -98,9 +108,13 @@ class Peer:
         source: str = "",
         tls: str = "",
     ) -> None:
-        """`source`: the local address to connect from (any 127.x.y.z is loopback), so a
-        test can be a peer with an address of its own. `tls`: a CA file; the connection
-        is then TLS (ALPN h2, the server's certificate verified against that CA)."""
+        """`source`: the local address to connect from (any 127.x.y.z is loopback); by
+        default one of its own for each peer, as if each were another host: a server
+        penalises the address of a peer it closes for misbehaving, and the peers that
+        misbehave on purpose must not slow the next test's. `tls`: a CA file; the
+        connection is then TLS (ALPN h2, the server's certificate verified against it)."""
+        if not source and host == "127.0.0.1":
+            source = own_address()
         sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         if tls:
             context = ssl.create_default_context(cafile=tls)
