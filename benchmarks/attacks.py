@@ -21,7 +21,8 @@ recovery phase (`--recovery` s, then the RSS "after").
 the prober and every attacker speaking TLS (ALPN h2); the control-net sink stays
 cleartext.
 
-Every attacker writes raw frames (tests/support/h2peer.py's encoders), reconnects
+Every attacker process is one host (its own loopback address, 127.0.9.x; the client
+is 127.0.0.1), writes raw frames (tests/support/h2peer.py's encoders), reconnects
 whenever the server closes a connection or sends it GOAWAY, stops by itself at the
 end of its phase, and reports what it saw: connections, GOAWAYs and their codes,
 RST_STREAMs, its CPU.
@@ -125,6 +126,7 @@ STALL_S = 5.0  # unsent bytes this long: the server stopped reading; the attacke
 MAX_FRAME = 16384
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 TLS_CA = ""  # in an attacker process: the CA file of a TLS listener (--tls)
+SOURCE = ""  # in an attacker process: the one address its connections come from
 
 
 # ---------------------------------------------------------------- the attacker side
@@ -182,7 +184,7 @@ class Conn:
         self.stats = stats
         self.attack = attack
         tls = "" if attack.sink else TLS_CA  # the control's own listener is cleartext
-        peer = Peer(port, timeout=max(timeout, 0.05), tls=tls)
+        peer = Peer(port, timeout=max(timeout, 0.05), source=SOURCE, tls=tls)
         self.sock = peer.sock
         self.sock.setblocking(False)
         stats["connections"] += 1
@@ -762,8 +764,11 @@ def drain(sink: socket.socket, sunk: list[socket.socket]) -> list[socket.socket]
 
 
 def attacker_main(args) -> int:
-    global TLS_CA
+    global TLS_CA, SOURCE
     TLS_CA = args.tls_ca
+    # One attacking host per process, not the client's (127.0.0.1): penalties are per
+    # address, and an attacker with an address per connection is a botnet, not this.
+    SOURCE = f"127.0.9.{args.index + 2}"
     lower_priority(args.nice)
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
