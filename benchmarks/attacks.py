@@ -97,14 +97,31 @@ MODEL = "example"
 LIVE = "/inference.GRPCInferenceService/ServerLive"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CODES = {
-    0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
-    0x4: "SETTINGS_TIMEOUT", 0x5: "STREAM_CLOSED", 0x6: "FRAME_SIZE_ERROR",
-    0x7: "REFUSED_STREAM", 0x8: "CANCEL", 0x9: "COMPRESSION_ERROR", 0xA: "CONNECT_ERROR",
-    0xB: "ENHANCE_YOUR_CALM", 0xC: "INADEQUATE_SECURITY", 0xD: "HTTP_1_1_REQUIRED",
+    0x0: "NO_ERROR",
+    0x1: "PROTOCOL_ERROR",
+    0x2: "INTERNAL_ERROR",
+    0x3: "FLOW_CONTROL_ERROR",
+    0x4: "SETTINGS_TIMEOUT",
+    0x5: "STREAM_CLOSED",
+    0x6: "FRAME_SIZE_ERROR",
+    0x7: "REFUSED_STREAM",
+    0x8: "CANCEL",
+    0x9: "COMPRESSION_ERROR",
+    0xA: "CONNECT_ERROR",
+    0xB: "ENHANCE_YOUR_CALM",
+    0xC: "INADEQUATE_SECURITY",
+    0xD: "HTTP_1_1_REQUIRED",
 }
-SHORT = {"ENHANCE_YOUR_CALM": "CALM", "PROTOCOL_ERROR": "PROTOCOL", "FRAME_SIZE_ERROR":
-         "FRAME_SIZE", "COMPRESSION_ERROR": "COMPRESSION", "SETTINGS_TIMEOUT": "SETTINGS_TIMEOUT",
-         "INTERNAL_ERROR": "INTERNAL", "FLOW_CONTROL_ERROR": "FLOW_CONTROL", "NO_ERROR": "NO_ERROR"}
+SHORT = {
+    "ENHANCE_YOUR_CALM": "CALM",
+    "PROTOCOL_ERROR": "PROTOCOL",
+    "FRAME_SIZE_ERROR": "FRAME_SIZE",
+    "COMPRESSION_ERROR": "COMPRESSION",
+    "SETTINGS_TIMEOUT": "SETTINGS_TIMEOUT",
+    "INTERNAL_ERROR": "INTERNAL",
+    "FLOW_CONTROL_ERROR": "FLOW_CONTROL",
+    "NO_ERROR": "NO_ERROR",
+}
 
 # the targets
 MIN_THROUGHPUT = 0.90  # of the baseline calls/s
@@ -165,9 +182,18 @@ class Stats(dict):
 
     def __init__(self) -> None:
         super().__init__(
-            connections=0, connect_errors=0, closed_by_goaway=0, closed_without_goaway=0,
-            stalled=0, open_at_end=0, bytes_sent=0, answers=0, goaway=Counter(),
-            rst_received=Counter(), accept_ms=[], errors=[],
+            connections=0,
+            connect_errors=0,
+            closed_by_goaway=0,
+            closed_without_goaway=0,
+            stalled=0,
+            open_at_end=0,
+            bytes_sent=0,
+            answers=0,
+            goaway=Counter(),
+            rst_received=Counter(),
+            accept_ms=[],
+            errors=[],
         )
 
     def error(self, text: str) -> None:
@@ -442,8 +468,7 @@ class WindowUpdateFlood(Attack):
     def __init__(self, index: int, body: bytes) -> None:
         super().__init__(index, body)
         one = (1).to_bytes(4, "big")
-        self.frames = b"".join(frame(WINDOW_UPDATE, 0, 1 if i % 2 else 0, one)
-                               for i in range(1000))
+        self.frames = b"".join(frame(WINDOW_UPDATE, 0, 1 if i % 2 else 0, one) for i in range(1000))
 
     def opened(self, c: Conn) -> bytes:
         return headers(c.stream(), self.infer)  # stream 1, its body never finished
@@ -599,8 +624,9 @@ class Malformed(Attack):
             live + literal(b":method", b"POST"),
             live + literal(b"connection", b"close"),
             live + literal(b"te", b"gzip"),
-            b"\x83\x86" + literal(b":authority", b"x") + literal(b"content-type",
-                                                                  b"application/grpc"),
+            b"\x83\x86"
+            + literal(b":authority", b"x")
+            + literal(b"content-type", b"application/grpc"),
             live + literal(b"content-length", b"abc"),
             live + literal(b"x-nl", b"a\nb"),
             live + literal(b":status", b"200"),
@@ -640,9 +666,20 @@ class Malformed(Attack):
 ATTACKS: dict[str, type[Attack]] = {
     a.name: a
     for a in (
-        ControlCpu, ControlNet, HpackBomb, HuffmanHeavy, SettingsFlood, PingFlood,
-        WindowUpdateFlood, PriorityFlood, EmptyFrames, ContinuationFlood, RapidReset, SlowBodies,
-        IdleConnections, Malformed,
+        ControlCpu,
+        ControlNet,
+        HpackBomb,
+        HuffmanHeavy,
+        SettingsFlood,
+        PingFlood,
+        WindowUpdateFlood,
+        PriorityFlood,
+        EmptyFrames,
+        ContinuationFlood,
+        RapidReset,
+        SlowBodies,
+        IdleConnections,
+        Malformed,
     )
 }
 
@@ -804,8 +841,11 @@ class Monitor:
         self.errors: Counter = Counter()
         self.ping_errors: Counter = Counter()
         self._stop = threading.Event()
-        self.client = (grpcclient.InferenceServerClient(url, ssl=True, root_certificates=tls)
-                       if tls else grpcclient.InferenceServerClient(url))
+        self.client = (
+            grpcclient.InferenceServerClient(url, ssl=True, root_certificates=tls)
+            if tls
+            else grpcclient.InferenceServerClient(url)
+        )
         model = load()
         rng = np.random.default_rng(1)
         self.inputs = []
@@ -817,10 +857,13 @@ class Monitor:
                 inp.set_data_from_numpy(x)
                 mine.append((inp, model({"x": x})["probabilities"]))
             self.inputs.append(mine)
-        self.threads = [threading.Thread(target=self._legit, args=(k,), daemon=True)
-                        for k in range(concurrency)]
-        self.threads += [threading.Thread(target=self._pinger, daemon=True),
-                         threading.Thread(target=self._sampler, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._legit, args=(k,), daemon=True) for k in range(concurrency)
+        ]
+        self.threads += [
+            threading.Thread(target=self._pinger, daemon=True),
+            threading.Thread(target=self._sampler, daemon=True),
+        ]
 
     def start(self) -> None:
         for thread in self.threads:
@@ -997,8 +1040,9 @@ def config(inline: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, inline: bool = False, tls: dict | None = None
-          ) -> Iterator[tuple[Process, int]]:
+def serve(
+    tmp: Path, inline: bool = False, tls: dict | None = None
+) -> Iterator[tuple[Process, int]]:
     """`coalesce serve` with our HTTP/2 listener on a free port: (process, that port). The
     listener is `fast_listen` where the config has it, else `listen` (which it became);
     `tls`: its `tls:` block."""
@@ -1079,17 +1123,48 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         start = b1 + SPAWN_LEAD_S
         stop = start + duration
         procs = []
-        attacker_cpus = "" if split is None else ",".join(
-            map(str, sorted(split[0] if opts.beside_server else split[1])))
+        attacker_cpus = (
+            ""
+            if split is None
+            else ",".join(map(str, sorted(split[0] if opts.beside_server else split[1])))
+        )
         for index in range(attack.processes):
             err = (tmp / f"attacker-{name}-{index}.log").open("wb")
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.attacks", "--attacker", name,
-                 "--port", str(port), "--start", repr(start), "--stop", repr(stop),
-                 "--index", str(index), "--nice", str(opts.nice), "--body", str(body_file),
-                 "--cpus", attacker_cpus, "--tls-ca", ca],
-                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.PIPE, stderr=err, start_new_session=True), err))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "benchmarks.attacks",
+                            "--attacker",
+                            name,
+                            "--port",
+                            str(port),
+                            "--start",
+                            repr(start),
+                            "--stop",
+                            repr(stop),
+                            "--index",
+                            str(index),
+                            "--nice",
+                            str(opts.nice),
+                            "--body",
+                            str(body_file),
+                            "--cpus",
+                            attacker_cpus,
+                            "--tls-ca",
+                            ca,
+                        ],
+                        cwd=ROOT,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        start_new_session=True,
+                    ),
+                    err,
+                )
+            )
         sleep_until(start)
         s2, m2, c2 = cpu_seconds(pid), machine_busy(), os.times()
         sleep_until(stop)
@@ -1097,8 +1172,9 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         results, problems = [], []
         for index, (proc, err) in enumerate(procs):
             try:
-                out, _ = proc.communicate(timeout=max(stop + ATTACKER_GRACE_S - time.monotonic(),
-                                                      1))
+                out, _ = proc.communicate(
+                    timeout=max(stop + ATTACKER_GRACE_S - time.monotonic(), 1)
+                )
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
@@ -1145,8 +1221,7 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         "p99_ms": during["p99_ms"],
         "max_ms": during["max_ms"],
         "baseline_p99_ms": base["p99_ms"],
-        "x_baseline_p99": during["p99_ms"] / base["p99_ms"] if base["p99_ms"] > 0 else
-        float("nan"),
+        "x_baseline_p99": during["p99_ms"] / base["p99_ms"] if base["p99_ms"] > 0 else float("nan"),
         "ping_baseline_max_ms": base["ping_max_ms"],
         "ping_max_ms": during["ping_max_ms"],
         "rss_baseline_mib": rss_base,
@@ -1164,22 +1239,25 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         # what else kept the machine busy (the kernel's network work included): noise
         "other_cpu_before": quiet,
         "other_cpu_baseline": (m1 - m0 - (s1 - s0) - _cpu(c0, c1)) / (b1 - b0),
-        "other_cpu_during": (m3 - m2 - (s3 - s2) - _cpu(c2, c3)
-                             - stats.get("attack_cpu_s", 0.0)) / (stop - start),
+        "other_cpu_during": (m3 - m2 - (s3 - s2) - _cpu(c2, c3) - stats.get("attack_cpu_s", 0.0))
+        / (stop - start),
         "mismatches": base["wrong"] + during["wrong"] + recovery["wrong"],
         "errors": [f"{n}x {e}" for e, n in monitor.errors.most_common(5)],
         "ping_errors": dict(monitor.ping_errors),
         "attacker": stats,
         "server_alive": alive,
         "server_log_warnings": sum(1 for line in log.splitlines() if "WARNING" in line),
-        "server_log_errors": [line for line in log.splitlines()
-                              if "ERROR" in line or "Traceback" in line][:5],
+        "server_log_errors": [
+            line for line in log.splitlines() if "ERROR" in line or "Traceback" in line
+        ][:5],
         "problems": problems,
         "repeats": 1,
     }
     if accept:
         row["accept"] = {
-            "connections": len(accept), "p50_ms": pct(accept, 50), "p99_ms": pct(accept, 99),
+            "connections": len(accept),
+            "p50_ms": pct(accept, 50),
+            "p99_ms": pct(accept, 99),
             "max_ms": max(accept),
         }
         if attack.conns > 16:  # connections held open: what each costs
@@ -1229,8 +1307,10 @@ def format_row(row: dict) -> str:
     if d["errors"] or d["wrong"]:
         result += f" ({d['errors']} errors, {d['wrong']} wrong)"
     if row.get("noisy"):
-        result += (f" (noisy: other load {row['other_cpu_baseline']:.1f} → "
-                   f"{row['other_cpu_during']:.1f} cores)")
+        result += (
+            f" (noisy: other load {row['other_cpu_baseline']:.1f} → "
+            f"{row['other_cpu_during']:.1f} cores)"
+        )
     return (
         f"| {row['attack']}{' (TLS)' if row.get('tls') else ''} | "
         f"{_f(row['baseline_rps'])} → {_f(row['throughput_rps'])} "
@@ -1247,26 +1327,31 @@ def notes(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         s = row["attacker"]
-        parts = [f"{s.get('bytes_sent', 0) / 2**20:,.1f} MiB sent",
-                 f"{s.get('answers', 0)} answers",
-                 f"server CPU {row['server_cpu_baseline']:.2f} → {row['server_cpu_during']:.2f}"
-                 " cores",
-                 f"attackers' CPU {s.get('attack_cpu_s', 0) / row['duration_s']:.2f} cores",
-                 f"other load {row['other_cpu_baseline']:.2f} → {row['other_cpu_during']:.2f}"
-                 " cores"]
+        parts = [
+            f"{s.get('bytes_sent', 0) / 2**20:,.1f} MiB sent",
+            f"{s.get('answers', 0)} answers",
+            f"server CPU {row['server_cpu_baseline']:.2f} → {row['server_cpu_during']:.2f} cores",
+            f"attackers' CPU {s.get('attack_cpu_s', 0) / row['duration_s']:.2f} cores",
+            f"other load {row['other_cpu_baseline']:.2f} → {row['other_cpu_during']:.2f} cores",
+        ]
         if s.get("rst_received"):
-            parts.append("RST_STREAM received: " + ", ".join(
-                f"{SHORT.get(k, k)} {v}" for k, v in s["rst_received"].items()))
+            parts.append(
+                "RST_STREAM received: "
+                + ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in s["rst_received"].items())
+            )
         for key in ("closed_without_goaway", "stalled", "open_at_end", "connect_errors"):
             if s.get(key):
                 parts.append(f"{key.replace('_', ' ')} {s[key]}")
         if "body_bytes_unfinished" in s:
-            parts.append(f"unfinished bodies accepted {s['body_bytes_unfinished'] / 2**20:,.0f}"
-                         " MiB")
+            parts.append(
+                f"unfinished bodies accepted {s['body_bytes_unfinished'] / 2**20:,.0f} MiB"
+            )
         if "accept" in row:
             a = row["accept"]
-            text = (f"{a['connections']} connections, the server's SETTINGS after p50 "
-                    f"{a['p50_ms']:.1f} / p99 {a['p99_ms']:.1f} / max {a['max_ms']:.1f} ms")
+            text = (
+                f"{a['connections']} connections, the server's SETTINGS after p50 "
+                f"{a['p50_ms']:.1f} / p99 {a['p99_ms']:.1f} / max {a['max_ms']:.1f} ms"
+            )
             if "rss_kib_per_connection" in a:
                 text += f", {a['rss_kib_per_connection']:.0f} KiB of RSS each"
             parts.append(text)
@@ -1293,14 +1378,16 @@ def run_attacks(opts, tmp: Path, on_row=None) -> list[dict]:
         pin(os.getpid(), split[1])
     group = group_nice(opts.boost) if opts.boost else None
     if opts.boost and not renice(os.getpid(), opts.boost):
-        print(f"(no permission for niceness {opts.boost}: the client runs at {nice})",
-              flush=True)
+        print(f"(no permission for niceness {opts.boost}: the client runs at {nice})", flush=True)
     rows = []
     try:
         for name in names:
             row = run_attack(name, opts, tmp)
-            row["cpus"] = {"server": sorted(split[0]), "client_and_attackers": sorted(split[1])
-                           } if split else None
+            row["cpus"] = (
+                {"server": sorted(split[0]), "client_and_attackers": sorted(split[1])}
+                if split
+                else None
+            )
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -1343,24 +1430,36 @@ def table(rows: list[dict], opts) -> str:
         f"{opts.recovery:g} s recovery each; legit client c={opts.legit_concurrency} "
         f"(tritonclient.grpc), attackers at "
         + ("SCHED_IDLE" if opts.nice == "idle" else f"nice {opts.nice}")
-        + (", the server pinned to one CPU, client and attackers to the other(s)"
-           if opts.pin and cpu_split() else "")
+        + (
+            ", the server pinned to one CPU, client and attackers to the other(s)"
+            if opts.pin and cpu_split()
+            else ""
+        )
         + (f", server and client at nice {opts.boost}" if opts.boost else "")
         + ".\n\n"
-        + HEADER + "\n" + "\n".join(map(format_row, rows)) + "\n\n" + notes(rows) + "\n"
+        + HEADER
+        + "\n"
+        + "\n".join(map(format_row, rows))
+        + "\n\n"
+        + notes(rows)
+        + "\n"
     )
 
 
 def _defaults(args) -> argparse.Namespace:
     """Our options, from benchmarks.run's args (which lack the ones only we have)."""
     return argparse.Namespace(
-        duration=args.duration, warmup=getattr(args, "warmup", 1.0),
-        recovery=getattr(args, "recovery", 3.0), attacks=getattr(args, "attacks", None),
-        nice=getattr(args, "nice", "0"), boost=getattr(args, "boost", -10),
+        duration=args.duration,
+        warmup=getattr(args, "warmup", 1.0),
+        recovery=getattr(args, "recovery", 3.0),
+        attacks=getattr(args, "attacks", None),
+        nice=getattr(args, "nice", "0"),
+        boost=getattr(args, "boost", -10),
         legit_concurrency=getattr(args, "legit_concurrency", 2),
         inline=getattr(args, "inline", False),
         quiet_wait=getattr(args, "quiet_wait", 20.0),
-        pin=getattr(args, "pin", True), beside_server=getattr(args, "beside_server", False),
+        pin=getattr(args, "pin", True),
+        beside_server=getattr(args, "beside_server", False),
         tls=getattr(args, "tls", False),
     )
 
@@ -1376,35 +1475,60 @@ def scenario_attacks(args, tmp: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0,
-                        help="seconds of baseline, and of attack")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of baseline, and of attack"
+    )
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--recovery", type=float, default=3.0)
     parser.add_argument("--attacks", help=f"comma-separated, of: {', '.join(ATTACKS)}")
-    parser.add_argument("--nice", default="0",
-                        help="the attacker processes' priority: a niceness (default 0), or "
-                        "idle (SCHED_IDLE: only what nothing else wants)")
-    parser.add_argument("--boost", type=int, default=-10,
-                        help="the niceness of the server and of this client (default -10: "
-                        "ahead of the attackers and of whatever else shares the machine; "
-                        "0 leaves them be)")
-    parser.add_argument("--quiet-wait", type=float, default=20.0,
-                        help="before each attack, wait up to this long for the rest of the "
-                        f"machine to use under {QUIET_CORES} cores (0: do not wait)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="leave CPU placement to the scheduler (default: the server on "
-                        "one CPU, this client and the attackers on the others)")
+    parser.add_argument(
+        "--nice",
+        default="0",
+        help="the attacker processes' priority: a niceness (default 0), or "
+        "idle (SCHED_IDLE: only what nothing else wants)",
+    )
+    parser.add_argument(
+        "--boost",
+        type=int,
+        default=-10,
+        help="the niceness of the server and of this client (default -10: "
+        "ahead of the attackers and of whatever else shares the machine; "
+        "0 leaves them be)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each attack, wait up to this long for the rest of the "
+        f"machine to use under {QUIET_CORES} cores (0: do not wait)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave CPU placement to the scheduler (default: the server on "
+        "one CPU, this client and the attackers on the others)",
+    )
     parser.add_argument("--legit-concurrency", type=int, default=2)
-    parser.add_argument("--inline", action="store_true",
-                        help="the model called on the server's event loop (`inline: true`), "
-                        "not in its thread pool")
-    parser.add_argument("--beside-server", action="store_true",
-                        help="run the attackers on the server's CPU instead of the client's")
-    parser.add_argument("--tls", action="store_true",
-                        help="attack the TLS listener (a throwaway certificate; the client, "
-                        "the prober and every attacker speak TLS, ALPN h2)")
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="the model called on the server's event loop (`inline: true`), not in its thread pool",
+    )
+    parser.add_argument(
+        "--beside-server",
+        action="store_true",
+        help="run the attackers on the server's CPU instead of the client's",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="attack the TLS listener (a throwaway certificate; the client, "
+        "the prober and every attacker speak TLS, ALPN h2)",
+    )
     # one attacker process (started by run_attack)
     parser.add_argument("--attacker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -1430,8 +1554,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"attacks-{'tls-' if args.tls else ''}{stamp}"
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("attacker", "port", "start", "stop", "index", "body", "tls_ca")}
+    options = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("attacker", "port", "start", "stop", "index", "body", "tls_ca")
+    }
     out.with_suffix(".json").write_text(json.dumps({"args": options, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(text)
     print(f"wrote {out}.json and .md")
