@@ -108,6 +108,11 @@ def serve(args: argparse.Namespace) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    from coalesce.ops import blas
+
+    count = blas.limit()  # before any model runs: see coalesce.ops.blas
+    if count is not None:
+        logging.getLogger("coalesce").info("BLAS threads: %d (OPENBLAS_NUM_THREADS chooses)", count)
     try:
         runner(Server(config, source=read).run())
     except (StartupError, OSError) as exc:

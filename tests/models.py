@@ -143,3 +143,16 @@ def slowable(delay_ms: float, flag: str, factor: float = 50) -> Slowable:
     model = Slowable(delay_ms, flag, factor)
     model.base = delay_ms / 1000
     return model
+
+
+def blas_threads():
+    """Answers each row with the BLAS thread count its model thread sees (and a product,
+    so that BLAS runs): how `serve` set up the process for its models."""
+    from coalesce.ops import blas
+
+    def call(inputs):
+        x = inputs["x"]
+        count = blas.threads() or 0
+        return {"y": np.full((len(x), 1), count, dtype=np.int32), "z": x @ x.T[:, :1]}
+
+    return call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -142,3 +143,45 @@ def test_a_busy_port_is_one_clean_line_and_exit_1(taken):
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "cannot start" in errors[0] and busy.rpartition(":")[2] in errors[0]
     assert "Traceback" not in done.stderr
+
+
+def _blas_threads_served(tmp_path, env: dict) -> int:
+    from tests.support.coalesce import Process
+
+    data = {
+        "backends": {"blas": local_backend("blas_threads")},
+        "routes": [{"model": "blas", "backend": "blas"}],
+    }
+    proxy = Process(data, tmp_path, env=env)
+    try:
+        x = np.ones((1, 4), dtype=np.float32)
+        with tc.InferenceServerClient(proxy.url) as client:
+            return int(client.infer("blas", inputs(x=x)).as_numpy("y")[0, 0])
+    finally:
+        proxy.terminate()
+
+
+def _blas_threads_bare(env: dict) -> int:
+    """What OpenBLAS starts with in a plain Python process under `env`."""
+    code = "from coalesce.ops import blas; print(blas.threads())"
+    environ = {k: v for k, v in os.environ.items() if k not in blas_variables()}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True
+    )
+    return int(done.stdout.strip())
+
+
+def blas_variables() -> tuple[str, ...]:
+    from coalesce.ops import blas
+
+    return blas.CHOSEN_BY
+
+
+def test_local_models_run_with_one_blas_thread_unless_the_operator_chose(tmp_path, monkeypatch):
+    """OpenBLAS's spinning threads would take the event loop's CPU (coalesce.ops.blas)."""
+    for name in blas_variables():
+        monkeypatch.delenv(name, raising=False)
+    print(f"\nOpenBLAS alone starts {_blas_threads_bare({})} threads here")
+    assert _blas_threads_served(tmp_path, {}) == 1
+    chosen = {"OPENBLAS_NUM_THREADS": "2"}
+    assert _blas_threads_served(tmp_path, chosen) == _blas_threads_bare(chosen) == 2
