@@ -27,8 +27,8 @@ from tests.support.pipelines import (
     affine_pipeline,
     bad_messages,
     batch_totals,
-    bursts,
     check_answer,
+    check_ordering,
     grpc_caller,
     messages,
     prometheus,
@@ -155,13 +155,7 @@ def test_results_are_published_as_each_batch_is_answered_or_in_input_order(
     times = arrivals(server, "results", len(values))
     results = read(server, "results", len(values))
     keys = [check_entry(fields, x_of) for fields in results]
-    assert sorted(keys) == sorted(x_of), "each request answered once"
-    groups = bursts(times)
-    if ordering == "as_ready":
-        assert max(groups) <= 2 * ORDERING_BATCH, groups
-    else:
-        assert max(groups) >= 16, groups
-        assert keys == list(x_of), "in input order"
+    check_ordering(ordering, keys, list(x_of), times)
     until(lambda: pending(server) == 0, "every input acknowledged")
 
 

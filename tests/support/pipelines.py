@@ -68,6 +68,19 @@ ORDERING_BATCH = 4  # rows per batch in the ordering tests (their backend's max_
 ORDERING_DELAY_MS = 150  # a batch's time in them: batches of one fetch end that far apart
 
 
+def check_ordering(ordering: str, keys: list, expected: list, arrivals: list[float]) -> None:
+    """The ordering tests' verdict on a backlog of one-row requests (`keys` answered, in
+    the order they arrived, at `arrivals`): as_ready publishes each batch as it is
+    answered, input a whole fetch at once and in input order."""
+    assert sorted(keys) == sorted(expected), "each request answered once"
+    groups = bursts(arrivals)
+    if ordering == "as_ready":
+        assert max(groups) <= 2 * ORDERING_BATCH, groups
+    else:
+        assert max(groups) >= 16, groups
+        assert keys == expected, "in input order"
+
+
 def until(condition, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
