@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from coalesce.example_model import load as load_example
+from coalesce.ops import blas
 from tritonclient.utils import InferenceServerException
 
 from tests.client import inputs
@@ -164,22 +165,16 @@ def _blas_threads_served(tmp_path, env: dict) -> int:
 def _blas_threads_bare(env: dict) -> int:
     """What OpenBLAS starts with in a plain Python process under `env`."""
     code = "from coalesce.ops import blas; print(blas.threads())"
-    environ = {k: v for k, v in os.environ.items() if k not in blas_variables()}
+    environ = {k: v for k, v in os.environ.items() if k not in blas.CHOSEN_BY}
     done = subprocess.run(
         [sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True
     )
     return int(done.stdout.strip())
 
 
-def blas_variables() -> tuple[str, ...]:
-    from coalesce.ops import blas
-
-    return blas.CHOSEN_BY
-
-
 def test_local_models_run_with_one_blas_thread_unless_the_operator_chose(tmp_path, monkeypatch):
     """OpenBLAS's spinning threads would take the event loop's CPU (coalesce.ops.blas)."""
-    for name in blas_variables():
+    for name in blas.CHOSEN_BY:
         monkeypatch.delenv(name, raising=False)
     print(f"\nOpenBLAS alone starts {_blas_threads_bare({})} threads here")
     assert _blas_threads_served(tmp_path, {}) == 1

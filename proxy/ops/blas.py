@@ -5,7 +5,7 @@ while after each. The sidecar already runs a `local` model's batches in threads 
 its own (`batching.max_in_flight`), beside the event loop and the broker clients'
 threads, so those spinning threads take the CPU the loop needs. Measured on 2 cores,
 a Kafka pipeline through the bench MLP (`python -m benchmarks.pipelines`): 4.1k ->
-8.8k messages/s with KServe JSON, 4.8k -> 13.4k with kserve-proto, at one BLAS
+8.4k messages/s with KServe JSON, 4.8k -> 14.5k with kserve-proto, at one BLAS
 thread. So `serve` sets one, unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or
 MKL_NUM_THREADS says otherwise: a model with large matrices and one batch in flight
 may want more. Models in `python` worker processes are their own processes, untouched.
