@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in map(int, args.concurrencies.split(",")):
                 load = ("--concurrency-range", str(concurrency), *window)
                 direct = perf_analyzer.run(
-                    "-m", "bench_mlp_dyn", "-u", triton.grpc_url, "-i", "grpc", *load,
+                    "-m",
+                    "bench_mlp_dyn",
+                    "-u",
+                    triton.grpc_url,
+                    "-i",
+                    "grpc",
+                    *load,
                     timeout=300,
                 )
                 runs = [("triton dynamic batcher", "grpc", direct, None)]

@@ -1,16 +1,20 @@
 """Kafka pipelines: messages/s from inbox to outbox, against a naive consumer, one run.
 
     python -m benchmarks.pipelines [--messages 100000] [--naive-messages 10000]
+                                   [--broker noida|tansu] [--workers N]
 
-The broker is noida-db (a Kafka-protocol stand-in, tests/support/kafka.py) on
-loopback, 4 partitions. Each message is a KServe v2 JSON body of one row for the
-bench MLP (benchmarks/bench_model.py), a `local` backend. Rows:
+The broker (a Kafka-protocol stand-in, tests/support/kafka.py) runs on loopback, 4
+partitions: noida-db by default, or Tansu. noida-db answers a fetch at the end of a
+partition at once, so every consumer idle on it spins (~60% of a core, measured);
+Tansu waits, as Kafka does, but cannot do exactly once. Each message is one row for
+the bench MLP (benchmarks/bench_model.py), a `local` backend, as a KServe v2 JSON
+body or a serialized ModelInferRequest (kserve-proto). Rows:
 
 1. broker ceiling: produce N messages with librdkafka, and consume them, no model;
-2. Coalesce, at_least_once and exactly_once (and at_least_once with kserve-proto
-   messages, a serialized ModelInferRequest): a backlog of N messages in the inbox,
-   then Coalesce starts; timed from its first committed cycle to its last (its own
-   count in /readyz), every result read and checked afterwards;
+2. Coalesce, at_least_once and exactly_once (noida-db only), each format: a backlog of
+   N messages in the inbox, then Coalesce starts (`--workers` serving processes, one
+   consumer each in one group); timed from its first result's CreateTime to its
+   last's, read once all are out, every result checked;
 3. a naive consumer (one Python process, librdkafka) on the same kind of backlog: per
    message, decode the JSON, call the model on its one row, encode, produce the
    result, commit asynchronously;
@@ -18,8 +22,7 @@ bench MLP (benchmarks/bench_model.py), a `local` backend. Rows:
    its request's headers, so the send time rides along); the caller produces with
    linger.ms 0 and the reader, assigned its partitions, takes each result as it comes.
 
-Every result is checked against its own request. Prints a table and writes
-benchmarks/results/pipelines-<time>.json.
+Prints a table and writes benchmarks/results/pipelines-<broker>-<time>.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +45,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from benchmarks import bench_model
 from benchmarks.run import RESULTS, infer_request
 from tests.support.coalesce import Process
-from tests.support.kafka import Broker
+from tests.support.kafka import Broker, Tansu
 
 
 def bodies(count: int, kind: str = "kserve-json") -> tuple[list[bytes], np.ndarray]:
@@ -95,6 +99,21 @@ def consumer(broker: Broker, topic: str, group: str) -> Consumer:
     return c
 
 
+@dataclass
+class Drained:
+    last: float = 0.0  # perf_counter() when the last record arrived
+    latencies: list[float] = field(default_factory=list)  # from each record's `sent` header
+    wrong: int = 0  # wrong answers, and records missing
+    stamped: tuple[int, int] = (0, 0)  # first and last record's CreateTime (ms)
+
+    def rate(self, count: int) -> float:
+        """Records per second between the first and the last record's CreateTime: when
+        the pipeline produced them, read afterwards, so nothing polls or reads while
+        it runs (its workers' own counts reach /readyz only once a second)."""
+        first, last = self.stamped
+        return (count - 1) / max((last - first) / 1000, 1e-3)
+
+
 def drain(
     broker: Broker,
     topic: str,
@@ -102,12 +121,13 @@ def drain(
     expected: np.ndarray | None,
     group: str,
     prompt: bool = False,
-):
-    """Read `count` records; (time the last arrived, latencies from their `sent` header,
-    wrong answers). `prompt` takes each record as it arrives (for latency): a batch
-    consume waits out its timeout, which would count as latency."""
+) -> Drained:
+    """Read `count` records, checking each against `expected`. `prompt` takes each
+    record as it arrives (for latency): a batch consume waits out its timeout, which
+    would count as latency."""
     c = consumer(broker, topic, group)
-    seen, wrong, latencies, last = set(), 0, [], 0.0
+    seen, found = set(), Drained()
+    first, last = float("inf"), 0
     end = time.monotonic() + 600
     try:
         while len(seen) < count and time.monotonic() < end:
@@ -116,18 +136,22 @@ def drain(
                 if record.error() is not None:
                     continue
                 now = time.time()
-                last = time.perf_counter()
+                found.last = time.perf_counter()
+                stamp = record.timestamp()[1]
+                first, last = min(first, stamp), max(last, stamp)
                 headers = dict(record.headers() or ())
                 if "sent" in headers:
-                    latencies.append(now - float(headers["sent"]))
+                    found.latencies.append(now - float(headers["sent"]))
                 if expected is not None:
                     i = int(record.key())
                     y = _output(record.value())
-                    wrong += not np.allclose(y, expected[i], rtol=1e-4, atol=1e-5)
+                    found.wrong += not np.allclose(y, expected[i], rtol=1e-4, atol=1e-5)
                 seen.add(record.key())
     finally:
         c.close()
-    return last, latencies, wrong + (count - len(seen))
+    found.wrong += count - len(seen)
+    found.stamped = (int(min(first, last)), last)
+    return found
 
 
 def _output(value: bytes) -> np.ndarray:
@@ -143,9 +167,7 @@ def reading(broker: Broker, topic: str, count: int, expected, group: str):
     result: dict = {}
 
     def read() -> None:
-        result["last"], result["latencies"], result["wrong"] = drain(
-            broker, topic, count, expected, group, prompt=True
-        )
+        result["drained"] = drain(broker, topic, count, expected, group, prompt=True)
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -158,11 +180,11 @@ def ceiling(broker: Broker, values: list[bytes]) -> dict:
     produce(broker, "ceiling", values)
     produced = time.perf_counter() - start
     start = time.perf_counter()
-    last, _, missing = drain(broker, "ceiling", len(values), None, "ceiling")
+    drained = drain(broker, "ceiling", len(values), None, "ceiling")
     return {
         "produce_msgs_per_s": len(values) / produced,
-        "consume_msgs_per_s": len(values) / (last - start),
-        "missing": missing,
+        "consume_msgs_per_s": len(values) / (drained.last - start),
+        "missing": drained.wrong,
     }
 
 
@@ -179,29 +201,31 @@ def latency(broker: Broker, tmp: Path, values, expected) -> dict:
         reader.join()
     finally:
         proxy.terminate()
-    ms = sorted(1000 * s for s in result["latencies"])
+    ms = sorted(1000 * s for s in result["drained"].latencies)
     return {
         "p50_ms": statistics.median(ms),
         "p99_ms": ms[int(0.99 * (len(ms) - 1))],
-        "wrong": result["wrong"],
+        "wrong": result["drained"].wrong,
     }
 
 
-def pipeline(broker: Broker, tmp: Path, tag: str, values, expected, **fields) -> dict:
+def pipeline(
+    broker: Broker, tmp: Path, tag: str, values, expected, workers: int = 1, **fields
+) -> dict:
     """A backlog of `values` in the inbox, then Coalesce starts: messages/s from its
-    first committed cycle to its last (its own count of published results, in
-    /readyz); every result is read and checked afterwards, untimed."""
+    first result to its last (their CreateTime, see Drained.rate). Every result is
+    read and checked once all are out, untimed."""
     inbox, outbox = f"in-{tag}", f"out-{tag}"
     broker.create_topics(inbox, outbox)
     produce(broker, inbox, values)
-    proxy = Process(_config(broker, inbox, outbox, **fields), tmp, ("--log-level", "WARNING"))
+    config = {**_config(broker, inbox, outbox, **fields), "workers": workers}
+    proxy = Process(config, tmp, ("--log-level", "WARNING"))
     try:
-        first, start = _published_when(proxy, 1)
-        done, end = _published_when(proxy, len(values))
+        _published_when(proxy, len(values))
     finally:
         proxy.terminate()
-    _, _, wrong = drain(broker, outbox, len(values), expected, f"check-{tag}")
-    return {"msgs_per_s": (done - first) / (end - start), "wrong": wrong}
+    drained = drain(broker, outbox, len(values), expected, f"check-{tag}")
+    return {"msgs_per_s": drained.rate(len(values)), "wrong": drained.wrong}
 
 
 def _config(broker: Broker, inbox: str, outbox: str, **fields) -> dict:
@@ -219,8 +243,8 @@ def _config(broker: Broker, inbox: str, outbox: str, **fields) -> dict:
     }
 
 
-def _published_when(proxy: Process, count: int) -> tuple[int, float]:
-    """(results published, when) once the pipeline has published at least `count`."""
+def _published_when(proxy: Process, count: int) -> None:
+    """Once the pipeline has published at least `count` results."""
     end = time.monotonic() + 600
     while time.monotonic() < end:
         try:
@@ -229,8 +253,8 @@ def _published_when(proxy: Process, count: int) -> tuple[int, float]:
         except (OSError, KeyError, ValueError):
             published = 0
         if published >= count:
-            return published, time.perf_counter()
-        time.sleep(0.005)
+            return
+        time.sleep(0.1)
     raise RuntimeError(f"the pipeline did not publish {count} results in time")
 
 
@@ -268,8 +292,20 @@ def naive(broker: Broker, values, expected) -> dict:
     p.flush(60)
     end = time.perf_counter()
     c.close()
-    _, _, wrong = drain(broker, "out-naive", len(values), expected, "check-naive")
+    wrong = drain(broker, "out-naive", len(values), expected, "check-naive").wrong
     return {"msgs_per_s": (len(values) - 1) / (end - start), "wrong": wrong}
+
+
+ROWS = {
+    "at_least_once": ("kserve-json", {}),
+    "at_least_once, kserve-proto": ("kserve-proto", {"format": "kserve-proto"}),
+    "exactly_once": ("kserve-json", {"delivery": "exactly_once"}),
+    "exactly_once, kserve-proto": (
+        "kserve-proto",
+        {"format": "kserve-proto", "delivery": "exactly_once"},
+    ),
+}
+"""Coalesce's rows: (the messages' format, the pipeline's fields)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,22 +315,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--naive-messages", type=int, default=10_000)
     parser.add_argument("--light-messages", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=1, help="Coalesce's serving processes")
+    parser.add_argument(
+        "--broker",
+        choices=("noida", "tansu"),
+        default="noida",
+        help="tansu: no exactly_once rows (its read_committed shows aborted records)",
+    )
     args = parser.parse_args(argv)
     values, expected = bodies(args.messages)
-    broker = Broker()
+    proto, _ = bodies(args.messages, "kserve-proto")
+    broker = Broker() if args.broker == "noida" else Tansu()
+    rows = [r for r in ROWS if args.broker == "noida" or not r.startswith("exactly")]
     report: dict = {"args": vars(args)}
     try:
         with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:
             report["ceiling"] = ceiling(broker, values)
             tmp_path = Path(tmp)
-            report["at_least_once"] = pipeline(broker, tmp_path, "alo", values, expected)
-            proto, _ = bodies(args.messages, "kserve-proto")
-            report["at_least_once, kserve-proto"] = pipeline(
-                broker, tmp_path, "proto", proto, expected, format="kserve-proto"
-            )
-            report["exactly_once"] = pipeline(
-                broker, tmp_path, "eos", values, expected, delivery="exactly_once"
-            )
+            for i, row in enumerate(rows):
+                kind, fields = ROWS[row]
+                report[row] = pipeline(
+                    broker,
+                    tmp_path,
+                    f"r{i}",
+                    proto if kind == "kserve-proto" else values,
+                    expected,
+                    args.workers,
+                    **fields,
+                )
             n = args.naive_messages
             report["naive"] = naive(broker, values[:n], expected[:n])
             k = args.light_messages
@@ -302,13 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         broker.close()
     c, naive_rate = report["ceiling"], report["naive"]["msgs_per_s"]
+    print(f"\nbroker {args.broker}, {args.workers} Coalesce worker(s)")
     print("\n| path | messages/s | vs naive | vs broker consume ceiling | wrong |")
     print("|---|---|---|---|---|")
     print(f"| broker ceiling: produce | {c['produce_msgs_per_s']:,.0f} | — | — | — |")
     print(
         f"| broker ceiling: consume | {c['consume_msgs_per_s']:,.0f} | — | 1.00x | {c['missing']} |"
     )
-    for key in ("at_least_once", "at_least_once, kserve-proto", "exactly_once", "naive"):
+    for key in (*rows, "naive"):
         r = report[key]
         print(
             f"| {'coalesce ' + key if key != 'naive' else 'naive consumer, one call per message'} "
@@ -321,11 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         f"p99 {light['p99_ms']:.1f} ms"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"pipelines-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = RESULTS / f"pipelines-{args.broker}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
-    keys = ("at_least_once", "at_least_once, kserve-proto", "exactly_once", "naive", "light")
-    wrong = sum(report[k]["wrong"] for k in keys)
+    wrong = sum(report[k]["wrong"] for k in (*rows, "naive", "light"))
     return 1 if wrong else 0
 
 

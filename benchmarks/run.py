@@ -180,8 +180,10 @@ def compare(
 def format_row(row: dict) -> str:
     if "throughput_rps" not in row:  # a memory reading alone
         dashes = " — |" * 7
-        return (f"| {row['scenario']} | {row['target']} | {row['concurrency']} |{dashes} "
-                f"{row['rss_mib']:.0f} | — |")
+        return (
+            f"| {row['scenario']} | {row['target']} | {row['concurrency']} |{dashes} "
+            f"{row['rss_mib']:.0f} | — |"
+        )
     cpu_ratio = f"{row['x_baseline_cpu']:.2f}x" if "x_baseline_cpu" in row else "—"
     return (
         f"| {row['scenario']} | {row['target']} | {row['concurrency']} | "
@@ -260,8 +262,13 @@ def scenario_gain(args, tmp: Path) -> list[dict]:
         targets = [
             ("triton direct (batching off)", triton.grpc_url, triton.pid, requests, expected),
             ("coalesce -> triton (default)", proxy.url, proxy.proc.pid, requests, expected),
-            ("coalesce grpc_aio_listen -> triton", aio_url(proxy), proxy.proc.pid, requests,
-             expected),
+            (
+                "coalesce grpc_aio_listen -> triton",
+                aio_url(proxy),
+                proxy.proc.pid,
+                requests,
+                expected,
+            ),
             ("coalesce -> grpc core -> triton", core.url, core.proc.pid, requests, expected),
             ("bare grpc.aio hop -> triton (no batching)", hop, hop_pid, requests, expected),
         ]
@@ -294,8 +301,11 @@ def _workers(triton, args, tmp: Path) -> Iterator[Callable]:
     if args.workers <= 1:
         yield lambda requests, expected: []
         return
-    config = {"listen": f"127.0.0.1:{free_port()}", "workers": args.workers,
-              **triton_route(triton, "bench_mlp")}
+    config = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "workers": args.workers,
+        **triton_route(triton, "bench_mlp"),
+    }
     with coalesce(config, tmp) as proxy:
         label = f"coalesce x{args.workers} workers -> triton"
         yield lambda requests, expected: [(label, proxy.url, proxy.proc.pid, requests, expected)]
@@ -316,10 +326,14 @@ def scenario_overhead(args, tmp: Path) -> list[dict]:
     ):
         targets = [
             ("empty grpc.aio server", empty, empty_pid, requests, [expected[0]] * 256),
-            ("coalesce, instant model (default)", proxy.url, proxy.proc.pid, requests,
-             expected),
-            ("coalesce grpc_aio_listen, instant model", aio_url(proxy), proxy.proc.pid,
-             requests, expected),
+            ("coalesce, instant model (default)", proxy.url, proxy.proc.pid, requests, expected),
+            (
+                "coalesce grpc_aio_listen, instant model",
+                aio_url(proxy),
+                proxy.proc.pid,
+                requests,
+                expected,
+            ),
         ]
         return compare("overhead", targets, [1, 64, 256], args, rates=(4000,))
 
@@ -361,14 +375,19 @@ def scenario_metrics(args, tmp: Path) -> list[dict]:
     expected = [xs[i : i + 1].tobytes() for i in range(256)]
 
     def config(on: bool) -> dict:
-        return {"metrics": on,
-                "backends": {"echo": {"type": "local", "model": "benchmarks.models:identity",
-                                      "inline": True}},
-                "routes": [{"model": "bench_mlp", "backend": "echo"}]}
+        return {
+            "metrics": on,
+            "backends": {
+                "echo": {"type": "local", "model": "benchmarks.models:identity", "inline": True}
+            },
+            "routes": [{"model": "bench_mlp", "backend": "echo"}],
+        }
 
     with coalesce(config(False), tmp) as off, coalesce(config(True), tmp) as on:
-        targets = [("coalesce, metrics off", off.url, off.proc.pid, requests, expected),
-                   ("coalesce, metrics on", on.url, on.proc.pid, requests, expected)]
+        targets = [
+            ("coalesce, metrics off", off.url, off.proc.pid, requests, expected),
+            ("coalesce, metrics on", on.url, on.proc.pid, requests, expected),
+        ]
         return compare("metrics", targets, [64], args)
 
 
@@ -399,14 +418,30 @@ def scenario_memory(args, tmp: Path) -> list[dict]:
     (growth from run to run would be a leak)."""
     with triton_server() as triton, coalesce(triton_route(triton, "bench_mlp"), tmp) as proxy:
         requests, expected = workload("bench_mlp")
-        rows = [{"scenario": "memory", "target": "coalesce idle (no request yet)",
-                 "concurrency": 0, "rss_mib": rss_mib(proxy.proc.pid)}]
+        rows = [
+            {
+                "scenario": "memory",
+                "target": "coalesce idle (no request yet)",
+                "concurrency": 0,
+                "rss_mib": rss_mib(proxy.proc.pid),
+            }
+        ]
         print(format_row(rows[0]), flush=True)
         for run in range(1, 6):
-            row = {"scenario": "memory", "target": f"coalesce -> triton, run {run}",
-                   "concurrency": 256,
-                   **measure(proxy.url, proxy.proc.pid, requests, expected, concurrency=256,
-                             duration=args.duration, warmup=args.warmup)}
+            row = {
+                "scenario": "memory",
+                "target": f"coalesce -> triton, run {run}",
+                "concurrency": 256,
+                **measure(
+                    proxy.url,
+                    proxy.proc.pid,
+                    requests,
+                    expected,
+                    concurrency=256,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                ),
+            }
             row["x_baseline_rps"] = 1.0
             rows.append(row)
             print(format_row(row), flush=True)
@@ -417,9 +452,12 @@ def scenario_streaming(args, tmp: Path) -> list[dict]:
     """4. Streaming: rows/s through ModelStreamInfer vs unary calls, same instant model."""
     import pickle
 
-    config = {"backends": {"echo": {"type": "local", "model": "benchmarks.models:identity",
-                                    "inline": True}},
-              "routes": [{"model": "bench_mlp", "backend": "echo", "ordered": True}]}
+    config = {
+        "backends": {
+            "echo": {"type": "local", "model": "benchmarks.models:identity", "inline": True}
+        },
+        "routes": [{"model": "bench_mlp", "backend": "echo", "ordered": True}],
+    }
     xs = bench_model.inputs(256)
     requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
     expected = [xs[i : i + 1].tobytes() for i in range(256)]
@@ -428,13 +466,33 @@ def scenario_streaming(args, tmp: Path) -> list[dict]:
     rows = []
     with coalesce(config, tmp) as proxy:
         for _ in range(args.repeats):
-            unary = measure(proxy.url, proxy.proc.pid, requests, expected, concurrency=64,
-                            duration=args.duration, warmup=args.warmup)
+            unary = measure(
+                proxy.url,
+                proxy.proc.pid,
+                requests,
+                expected,
+                concurrency=64,
+                duration=args.duration,
+                warmup=args.warmup,
+            )
             start = cpu_seconds(proxy.proc.pid)
             out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.stream_client", proxy.url,
-                 str(tmp / "requests.pkl"), str(tmp / "expected.pkl"), "4", "64",
-                 str(args.duration)], capture_output=True, text=True, cwd=ROOT, check=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.stream_client",
+                    proxy.url,
+                    str(tmp / "requests.pkl"),
+                    str(tmp / "expected.pkl"),
+                    "4",
+                    "64",
+                    str(args.duration),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=True,
+            )
             server_cpu = cpu_seconds(proxy.proc.pid) - start
             stream = json.loads(out.stdout)
             rows.append((unary, stream, server_cpu))
@@ -442,21 +500,37 @@ def scenario_streaming(args, tmp: Path) -> list[dict]:
     stream_rps = statistics.median(r[1]["rows_per_s"] for r in rows)
     result = []
     for label, rps, cpu_us, client_us, wrong in [
-        ("unary ModelInfer, c=64", unary_rps,
-         statistics.median(r[0]["server_cpu_us_per_req"] for r in rows),
-         statistics.median(r[0]["loadgen_cpu_us_per_req"] for r in rows),
-         sum(r[0]["mismatches"] for r in rows)),
-        ("ModelStreamInfer, 4 streams x 64", stream_rps,
-         statistics.median(r[2] / max(r[1]["answered"], 1) * 1e6 for r in rows),
-         statistics.median(r[1]["cpu_s"] / max(r[1]["answered"], 1) * 1e6 for r in rows),
-         sum(r[1]["wrong"] + r[1]["errors"] for r in rows)),
+        (
+            "unary ModelInfer, c=64",
+            unary_rps,
+            statistics.median(r[0]["server_cpu_us_per_req"] for r in rows),
+            statistics.median(r[0]["loadgen_cpu_us_per_req"] for r in rows),
+            sum(r[0]["mismatches"] for r in rows),
+        ),
+        (
+            "ModelStreamInfer, 4 streams x 64",
+            stream_rps,
+            statistics.median(r[2] / max(r[1]["answered"], 1) * 1e6 for r in rows),
+            statistics.median(r[1]["cpu_s"] / max(r[1]["answered"], 1) * 1e6 for r in rows),
+            sum(r[1]["wrong"] + r[1]["errors"] for r in rows),
+        ),
     ]:
-        row = {"scenario": "streaming", "target": label, "concurrency": 256 if "Stream" in label
-               else 64, "throughput_rps": rps, "x_baseline_rps": rps / unary_rps,
-               "p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan"),
-               "max_ms": float("nan"), "server_cpu_us_per_req": cpu_us,
-               "loadgen_cpu_us_per_req": client_us, "mismatches": wrong, "errors": [],
-               "repeats": args.repeats}
+        row = {
+            "scenario": "streaming",
+            "target": label,
+            "concurrency": 256 if "Stream" in label else 64,
+            "throughput_rps": rps,
+            "x_baseline_rps": rps / unary_rps,
+            "p50_ms": float("nan"),
+            "p90_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "max_ms": float("nan"),
+            "server_cpu_us_per_req": cpu_us,
+            "loadgen_cpu_us_per_req": client_us,
+            "mismatches": wrong,
+            "errors": [],
+            "repeats": args.repeats,
+        }
         result.append(row)
         print(format_row(row), flush=True)
     return result
@@ -491,10 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--concurrencies", help="e.g. 1,64: instead of each scenario's own")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="N > 1: also measure Coalesce with N serving processes")
-    parser.add_argument("--connections", type=int, default=4,
-                        help="client connections (the kernel spreads them over workers)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="N > 1: also measure Coalesce with N serving processes",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=4,
+        help="client connections (the kernel spreads them over workers)",
+    )
     args = parser.parse_args(argv)
     global CONNECTIONS
     CONNECTIONS = args.connections

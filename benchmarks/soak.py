@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=1500.0, help="requests per second")
     args = parser.parse_args(argv)
-    config = {"backends": {"mlp": {"type": "local", "model": "benchmarks.models:mlp"}},
-              "routes": [{"model": "bench_mlp", "backend": "mlp"}]}
+    config = {
+        "backends": {"mlp": {"type": "local", "model": "benchmarks.models:mlp"}},
+        "routes": [{"model": "bench_mlp", "backend": "mlp"}],
+    }
     xs = bench_model.inputs(256)
     ys = bench_model.forward(xs)
     requests = [infer_request("bench_mlp", xs[i : i + 1]) for i in range(256)]
@@ -38,25 +40,46 @@ def main(argv: list[str] | None = None) -> int:
         start, start_rss = time.monotonic(), rss_mib(pid)
         print(f"RSS at start: {start_rss:.1f} MiB", flush=True)
         while time.monotonic() - start < args.minutes * 60:
-            result = loadgen.run(proxy.url, METHOD, requests, expected, rate=args.rate,
-                                 duration=30, warmup=0.5, drain=2)
-            window = {"t_s": round(time.monotonic() - start), "rss_mib": rss_mib(pid),
-                      "ok": result["ok"], "mismatches": result["mismatches"],
-                      "errors": result["errors"], "p99_ms": result["latency_ms"]["p99"],
-                      "cpu_s": cpu_seconds(pid)}
+            result = loadgen.run(
+                proxy.url,
+                METHOD,
+                requests,
+                expected,
+                rate=args.rate,
+                duration=30,
+                warmup=0.5,
+                drain=2,
+            )
+            window = {
+                "t_s": round(time.monotonic() - start),
+                "rss_mib": rss_mib(pid),
+                "ok": result["ok"],
+                "mismatches": result["mismatches"],
+                "errors": result["errors"],
+                "p99_ms": result["latency_ms"]["p99"],
+                "cpu_s": cpu_seconds(pid),
+            }
             windows.append(window)
             print(json.dumps(window), flush=True)
         end_rss = rss_mib(pid)
-    summary = {"minutes": args.minutes, "rate": args.rate, "rss_start_mib": start_rss,
-               "rss_end_mib": end_rss, "rss_max_mib": max(w["rss_mib"] for w in windows),
-               "ok": sum(w["ok"] for w in windows),
-               "mismatches": sum(w["mismatches"] for w in windows),
-               "errors": [w["errors"] for w in windows if w["errors"]], "windows": windows}
+    summary = {
+        "minutes": args.minutes,
+        "rate": args.rate,
+        "rss_start_mib": start_rss,
+        "rss_end_mib": end_rss,
+        "rss_max_mib": max(w["rss_mib"] for w in windows),
+        "ok": sum(w["ok"] for w in windows),
+        "mismatches": sum(w["mismatches"] for w in windows),
+        "errors": [w["errors"] for w in windows if w["errors"]],
+        "windows": windows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(summary, indent=1))
-    print(f"RSS start {start_rss:.1f} MiB, end {end_rss:.1f} MiB, max {summary['rss_max_mib']:.1f}"
-          f" MiB; {summary['ok']} ok, {summary['mismatches']} wrong; wrote {out}")
+    print(
+        f"RSS start {start_rss:.1f} MiB, end {end_rss:.1f} MiB, max {summary['rss_max_mib']:.1f}"
+        f" MiB; {summary['ok']} ok, {summary['mismatches']} wrong; wrote {out}"
+    )
     return 1 if summary["mismatches"] or summary["errors"] else 0
 
 

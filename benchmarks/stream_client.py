@@ -61,13 +61,25 @@ async def main() -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         start = time.monotonic()
         until = start + float(seconds)
-        await asyncio.gather(*(one_stream(channel, requests, expected, int(window), until, totals)
-                               for _ in range(int(streams))))
+        await asyncio.gather(
+            *(
+                one_stream(channel, requests, expected, int(window), until, totals)
+                for _ in range(int(streams))
+            )
+        )
         elapsed = time.monotonic() - start
     end_cpu = resource.getrusage(resource.RUSAGE_SELF)
     cpu = end_cpu.ru_utime - start_cpu.ru_utime + end_cpu.ru_stime - start_cpu.ru_stime
-    print(json.dumps({**totals, "rows_per_s": totals["answered"] / elapsed, "cpu_s": cpu,
-                      "elapsed_s": elapsed}))
+    print(
+        json.dumps(
+            {
+                **totals,
+                "rows_per_s": totals["answered"] / elapsed,
+                "cpu_s": cpu,
+                "elapsed_s": elapsed,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

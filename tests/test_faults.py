@@ -79,9 +79,7 @@ async def steady(
 
 
 @pytest.mark.parametrize("transport", ["grpc", "native"])
-async def test_kill_9_of_triton_under_load_loses_nothing_and_recovers(
-    coalesce_process, transport
-):
+async def test_kill_9_of_triton_under_load_loses_nothing_and_recovers(coalesce_process, transport):
     from tests.support.triton import TritonServer
 
     with TritonServer(ROOT / "tests" / "triton_models") as triton:

@@ -39,15 +39,20 @@ def backends(triton, tmp_path_factory):
     from tests.support.tfserving import TFServingServer, build_models
 
     port = free_port()
-    batch = subprocess.Popen([sys.executable, "config/examples/batch_server.py", "--port",
-                              str(port)], cwd=ROOT)
+    batch = subprocess.Popen(
+        [sys.executable, "config/examples/batch_server.py", "--port", str(port)], cwd=ROOT
+    )
     root = build_models(tmp_path_factory.mktemp("savedmodels"))
     with TFServingServer(root) as tfserving:
         yield {
             "local": local_backend("affine"),
             "triton": {"type": "triton", "target": triton.grpc_url, "model": "affine"},
-            "tfserving": {"type": "tfserving", "target": tfserving.url, "model": "affine",
-                          "version": 1},
+            "tfserving": {
+                "type": "tfserving",
+                "target": tfserving.url,
+                "model": "affine",
+                "version": 1,
+            },
             "grpc": {"type": "grpc", "target": f"127.0.0.1:{port}", "model": "affine"},
         }
     batch.terminate()
@@ -57,9 +62,14 @@ def backends(triton, tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy(backends, tmp_path_factory):
     http = free_port()
-    process = Process({"http": f"127.0.0.1:{http}", "backends": backends,
-                       "routes": [{"model": f"via-{name}", "backend": name} for name in backends]},
-                      tmp_path_factory.mktemp("matrix"))
+    process = Process(
+        {
+            "http": f"127.0.0.1:{http}",
+            "backends": backends,
+            "routes": [{"model": f"via-{name}", "backend": name} for name in backends],
+        },
+        tmp_path_factory.mktemp("matrix"),
+    )
     process.http_url = f"127.0.0.1:{http}"
     with tc_grpc.InferenceServerClient(process.url) as client:  # every backend ready
         deadline = time.monotonic() + 30
@@ -102,15 +112,22 @@ def tfserving_grpc(proxy, model: str) -> dict[str, np.ndarray]:
 
 def tfserving_rest(proxy, model: str) -> dict[str, np.ndarray]:
     body = json.dumps({"instances": X.tolist()}).encode()
-    request = urllib.request.Request(f"http://{proxy.http_url}/v1/models/{model}:predict",
-                                     data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{proxy.http_url}/v1/models/{model}:predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as answer:
         rows = json.load(answer)["predictions"]
     return {name: np.array([row[name] for row in rows], dtype=np.float32) for name in ("y", "s")}
 
 
-FRONT_ENDS = {"kserve-grpc": kserve_grpc, "kserve-rest": kserve_rest,
-              "tfserving-grpc": tfserving_grpc, "tfserving-rest": tfserving_rest}
+FRONT_ENDS = {
+    "kserve-grpc": kserve_grpc,
+    "kserve-rest": kserve_rest,
+    "tfserving-grpc": tfserving_grpc,
+    "tfserving-rest": tfserving_rest,
+}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -38,10 +38,12 @@ def value(found: dict, name: str, **labels) -> float:
 
 @pytest.fixture
 def proxy(coalesce_process):
-    return coalesce_process({
-        "backends": {"b": local_backend("affine", args={"delay_ms": 5})},
-        "routes": [{"model": "m", "backend": "b"}, {"model": "m2", "backend": "b"}],
-    })
+    return coalesce_process(
+        {
+            "backends": {"b": local_backend("affine", args={"delay_ms": 5})},
+            "routes": [{"model": "m", "backend": "b"}, {"model": "m2", "backend": "b"}],
+        }
+    )
 
 
 def load(url: str, model: str, count: int, bad: int = 0) -> None:
@@ -73,8 +75,10 @@ def test_metrics_count_requests_rows_batches_and_latency(proxy):
     ok = dict(route="m", backend="b", code="OK")
     assert value(found, "coalesce_requests_total", **ok) == 55
     assert value(found, "coalesce_rows_total", **ok) == 110
-    assert value(found, "coalesce_requests_total", route="m", backend="b",
-                 code="INVALID_ARGUMENT") == 5
+    assert (
+        value(found, "coalesce_requests_total", route="m", backend="b", code="INVALID_ARGUMENT")
+        == 5
+    )
     assert value(found, "coalesce_requests_total", route="m2", backend="b", code="OK") == 20
     assert value(found, "coalesce_request_duration_seconds_count", route="m", backend="b") == 60
     batches = value(found, "coalesce_batch_size_count", backend="b")
@@ -90,11 +94,15 @@ def test_metrics_of_several_workers_are_merged(coalesce_process):
     from tests.support.coalesce import free_port
 
     port, fast = free_port(), free_port()
-    proxy = coalesce_process({
-        "listen": f"127.0.0.1:{port}", "workers": 2, "grpc_aio_listen": f"127.0.0.1:{fast}",
-        "backends": {"b": local_backend("affine")},
-        "routes": [{"model": "m", "backend": "b"}],
-    })
+    proxy = coalesce_process(
+        {
+            "listen": f"127.0.0.1:{port}",
+            "workers": 2,
+            "grpc_aio_listen": f"127.0.0.1:{fast}",
+            "backends": {"b": local_backend("affine")},
+            "routes": [{"model": "m", "backend": "b"}],
+        }
+    )
     for url in (proxy.url, f"127.0.0.1:{fast}"):  # both listeners are shared by the workers
         for _ in range(8):  # new connections, spread across the workers by the kernel
             load(url, "m", 10)

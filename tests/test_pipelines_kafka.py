@@ -403,27 +403,49 @@ def test_a_reload_adds_and_removes_pipelines(broker, coalesce_process):
 
 
 def test_kserve_proto_messages_are_answered_with_model_infer_responses(broker, coalesce_process):
+    """Messages of one layout take a short path (formats.Layout); each variant after
+    them must still get the full checks: a wrong size or output name is its own dead
+    letter, another row count its own right answer."""
     from coalesce.codecs import wire
+
+    def request(key: str, x: np.ndarray, outputs=(), cut: int = 0) -> bytes:
+        message = wire.ModelInferRequest(model_name="affine", id=key)
+        message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        message.raw_input_contents.append(x.tobytes()[: len(x.tobytes()) - cut])
+        for name in outputs:
+            message.outputs.add(name=name)
+        return message.SerializeToString()
 
     broker.create_topics("requests", "results", "rejected")
     coalesce_process(pipeline_config(broker, format="kserve-proto"))
-    x_of = {f"p{i}": rows(2) + i for i in range(50)}
-    values = []
-    for key, x in x_of.items():
-        request = wire.ModelInferRequest(model_name="affine", id=key)
-        request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-        request.raw_input_contents.append(x.tobytes())
-        values.append((key, request.SerializeToString()))
-    produce(broker, [*values, ("junk", b"\xff\x00not a message")])
+    x_of = {f"p{i}": rows(3 if i % 10 == 7 else 2) + i for i in range(50)}
+    values = [(key, request(key, x)) for key, x in x_of.items()]
+    bad = [
+        ("short", request("short", rows(2), cut=4)),
+        ("no-such-output", request("no-such-output", rows(2), outputs=["nope"])),
+        ("junk", b"\xff\x00not a message"),
+    ]
     seen = set()
-    for record in read(broker, "results", len(values)):
-        answer = wire.ModelInferResponse.FromString(record.value())
-        key = record.key().decode()
-        assert answer.id == key and dict(record.headers())["trace"] == key.encode()
-        names = [o.name for o in answer.outputs]
-        y = np.frombuffer(answer.raw_output_contents[names.index("y")], dtype=np.float32)
-        np.testing.assert_allclose(y.reshape(2, 4), affine_expected(x_of[key])["y"], rtol=1e-6)
-        seen.add(key)
+
+    def answered(results) -> None:
+        for record in results:
+            answer = wire.ModelInferResponse.FromString(record.value())
+            key = record.key().decode()
+            assert answer.id == key and dict(record.headers())["trace"] == key.encode()
+            names = [o.name for o in answer.outputs]
+            y = np.frombuffer(answer.raw_output_contents[names.index("y")], dtype=np.float32)
+            x = x_of[key]
+            np.testing.assert_allclose(y.reshape(len(x), 4), affine_expected(x)["y"], rtol=1e-6)
+            seen.add(key)
+
+    produce(broker, values[:40])  # every partition knows the layout once these are answered
+    answered(read(broker, "results", 40))
+    produce(broker, [*bad, *values[40:]])
+    answered(read(broker, "results", len(values)))
     assert seen == set(x_of)
-    (junk,) = read(broker, "rejected", 1)
-    assert b"ModelInferRequest" in dict(junk.headers())["coalesce-error"]
+    rejected = {r.key().decode(): r for r in read(broker, "rejected", len(bad))}
+    assert set(rejected) == {key for key, _ in bad}
+    error = {key: dict(r.headers())["coalesce-error"] for key, r in rejected.items()}
+    assert b"ModelInferRequest" in error["junk"]
+    assert b"raw contents have 28 bytes" in error["short"], error["short"]
+    assert b"'nope'" in error["no-such-output"], error["no-such-output"]

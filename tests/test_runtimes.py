@@ -253,9 +253,7 @@ def test_requirements_and_code_are_checked_when_the_config_is_read(tmp_path):
         assert any(problem in p for p in error.value.problems), error.value.problems
 
 
-def test_the_example_config_builds_and_answers_with_its_pinned_numpy(
-    tmp_path, coalesce_process
-):
+def test_the_example_config_builds_and_answers_with_its_pinned_numpy(tmp_path, coalesce_process):
     """config/python_runtime.yaml, served as its comment says (from the repository root)."""
     data = yaml.safe_load((ROOT / "config" / "python_runtime.yaml").read_text())
     for key in ("listen", "admin"):

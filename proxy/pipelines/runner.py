@@ -197,6 +197,7 @@ class Runner:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._max_bytes = int(spec.max_in_flight_mb * (1 << 20))
+        self._layout = formats.Layout()
 
     @property
     def ready(self) -> bool:
@@ -349,7 +350,10 @@ class Runner:
             await pause.after(len(taken[i].value))
             if i not in decoded:
                 try:
-                    decoded[i] = formats.decode(kind, taken[i].value, taken[i].headers, route, info)
+                    message = taken[i]
+                    decoded[i] = formats.decode(
+                        kind, message.value, message.headers, route, info, self._layout
+                    )
                 except CoalesceError as exc:
                     out[i] = self._dead(taken[i], exc)
                     continue

