@@ -68,6 +68,9 @@ def dtype_of(datatype: str, tensor: str) -> np.dtype:
 
 def datatype_of(array: np.ndarray, tensor: str) -> str:
     """The KServe datatype for an array; a dtype KServe cannot carry is an error, not a cast."""
+    name = _NAMES.get(array.dtype)  # little-endian or byte-sized, as nearly all are
+    if name is not None:
+        return name
     kind = array.dtype.kind
     if kind in "SU":
         return "BYTES"

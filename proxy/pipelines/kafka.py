@@ -85,6 +85,7 @@ class KafkaConnector:
             **common,
             "linger.ms": 1,
             "delivery.report.only.error": True,
+            "on_delivery": self._delivered,
             **source.options,
         }
         if self.exactly_once:
@@ -224,10 +225,14 @@ class KafkaConnector:
             self._in_transaction = True
         sink = self.spec.sink.topic
         dead = self.spec.dead_letter.topic if self.spec.dead_letter else None
+        produce = self._producer.produce
         for item in out:
             topic = dead if item.dead else sink
             if topic is not None and not item.sent:
-                self._produce(topic, item)
+                try:
+                    produce(topic, item.value, item.source.key, headers=item.headers)
+                except BufferError:  # the producer's queue is full: let it drain
+                    self._produce(topic, item)
             item.sent = True
 
     async def complete(self, taken: list[Message], out: list[Outgoing]) -> None:
@@ -292,17 +297,12 @@ class KafkaConnector:
 
     def _produce(self, topic: str, item: Outgoing) -> None:
         while True:
+            self._producer.poll(0.05)
             try:
-                self._producer.produce(
-                    topic,
-                    item.value,
-                    item.source.key,
-                    headers=item.headers,
-                    on_delivery=self._delivered,
-                )
+                self._producer.produce(topic, item.value, item.source.key, headers=item.headers)
                 return
-            except BufferError:  # the producer's queue is full: let it drain
-                self._producer.poll(0.05)
+            except BufferError:
+                continue
 
     def _delivered(self, error: KafkaError | None, _record: Any) -> None:
         if error is not None:

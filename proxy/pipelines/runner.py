@@ -48,6 +48,7 @@ TRANSIENT = frozenset(
     }
 )
 MAX_BACKOFF_S = 5.0
+_LENGTH = formats.HEADER_LENGTH.lower()  # a result's own replaces its request's
 CONNECTORS = {
     "kafka": ("coalesce.pipelines.kafka", "KafkaConnector", "kafka"),
     "redis": ("coalesce.pipelines.redis", "RedisConnector", "redis"),
@@ -455,11 +456,12 @@ class Runner:
         message: Message, extra: list[tuple[str, bytes]], decoded: formats.Decoded
     ) -> list[tuple[str, bytes]]:
         """The request's own headers (for correlation), plus where it came from."""
-        kept = [(k, v) for k, v in message.headers if k.lower() != formats.HEADER_LENGTH.lower()]
-        coordinates = [("coalesce-source", message.coordinates.encode())]
+        kept = [h for h in message.headers if h[0].lower() != _LENGTH]
+        kept += extra
+        kept.append(("coalesce-source", message.coordinates.encode()))
         if decoded.request.id:
-            coordinates.append(("coalesce-request-id", decoded.request.id.encode()))
-        return kept + extra + coordinates
+            kept.append(("coalesce-request-id", decoded.request.id.encode()))
+        return kept
 
     def _dead(self, message: Message, error: CoalesceError) -> Outgoing:
         code = error.code.name
