@@ -268,6 +268,47 @@ def test_bad_raw_requests_get_a_status_naming_the_problem(channel, client, case)
     np.testing.assert_array_equal(result.as_numpy("y"), [[3, 3, 3, 3]])
 
 
+def test_a_request_shaped_as_the_last_one_still_gets_every_check(channel):
+    """Once a layout has passed, requests like it skip those checks (kserve.Layout);
+    each difference from it must still get the full ones."""
+
+    def request(x: np.ndarray, cut: int = 0, outputs=(), **parameters) -> wire.ModelInferRequest:
+        message = wire.ModelInferRequest(model_name="affine", id=f"r{len(x)}-{cut}")
+        message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        message.raw_input_contents.append(x.tobytes()[: x.nbytes - cut])
+        for name in outputs:
+            message.outputs.add(name=name)
+        for key, value in parameters.items():
+            message.parameters[key].int64_param = value
+        return message
+
+    def y_of(answer: wire.ModelInferResponse, rows: int) -> np.ndarray:
+        names = [o.name for o in answer.outputs]
+        raw = answer.raw_output_contents[names.index("y")]
+        return np.frombuffer(raw, np.float32).reshape(rows, 4)
+
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    for _ in range(3):  # the layout is known
+        np.testing.assert_array_equal(y_of(raw_infer(channel, request(x)), 1), 2 * x + 1)
+    for bad, message in [
+        (request(x, cut=4), "raw contents have 12 bytes"),
+        (request(x, outputs=["q"]), "outputs: 'q' is not an output of model 'affine'"),
+    ]:
+        with pytest.raises(grpc.RpcError) as error:
+            raw_infer(channel, bad)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.value.details()
+    two = np.stack([x[0], x[0] + 4])
+    answer = raw_infer(channel, request(two))
+    assert answer.id == "r2-0"
+    np.testing.assert_array_equal(y_of(answer, 2), 2 * two + 1)
+    answer = raw_infer(channel, request(x + 1, priority=1))
+    np.testing.assert_array_equal(y_of(answer, 1), 2 * (x + 1) + 1)
+    answer = raw_infer(channel, request(x + 2))
+    assert answer.id == "r1-0"
+    np.testing.assert_array_equal(y_of(answer, 1), 2 * (x + 2) + 1)
+
+
 def typed(
     datatype: str, shape: list[int], field: str | None, values: list
 ) -> wire.ModelInferRequest:

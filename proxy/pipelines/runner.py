@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
+from coalesce.codecs import kserve
 from coalesce.config import Pipeline
 from coalesce.core import batching
 from coalesce.core.request import InferRequest
@@ -198,7 +199,7 @@ class Runner:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._max_bytes = int(spec.max_in_flight_mb * (1 << 20))
-        self._layout = formats.Layout()
+        self._layout = kserve.Layout()
 
     @property
     def ready(self) -> bool:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import grpc
 from coalesce.codecs.kserve import (
     Classes,
+    Layout,
     Placement,
     classify,
     decode,
@@ -56,8 +57,12 @@ def prepare(
     context: grpc.aio.ServicerContext,
     now: Callable[[], float],
     shared: SharedMemory | None = None,
+    layouts: dict[str, Layout] | None = None,
 ) -> Call:
-    """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
+    """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad).
+
+    `layouts` (model name -> its last request's Layout) lets a request shaped as the
+    last one skip the checks that one passed."""
     backend = router.get(request.model_name, request.model_version)
     metadata: tuple = ()
     if request.model_version or request.model_name not in router.plain:
@@ -65,17 +70,28 @@ def prepare(
         caller = access.GrpcCaller(context)
         metadata = access.admit(router, route, caller, access.request_bytes())
     info = backend.info()
-    names = requested_outputs(request, info) if request.outputs else []
     left = context.time_remaining()
     deadline = None if left is None else now() + left
     version = request.model_version or info.versions[0]
-    decoded = decode(request, deadline, shared.read if shared is not None else None)
+    layout = None if layouts is None else layouts.get(request.model_name)
+    known = None if layout is None else layout.decode(request, info, deadline)
+    placed = None
+    if known is not None:
+        decoded, names, classes = known
+    else:
+        names = requested_outputs(request, info) if request.outputs else []
+        decoded = decode(request, deadline, shared.read if shared is not None else None)
+        classes = None
+        if request.outputs:
+            placed, classes = output_placements(request), requested_classes(request, info)
+            if placed and shared is None:
+                raise InvalidArgument("outputs: shared memory is not served here")
+        if layouts is not None:
+            layout = layouts.get(request.model_name) or layouts.setdefault(
+                request.model_name, Layout()
+            )
+            layout.learn(request, decoded, info, names, classes)
     decoded.metadata = metadata
     if router.tracer is not None:
         decoded.trace = carrier_of(context.invocation_metadata() or ())
-    placed = classes = None
-    if request.outputs:
-        placed, classes = output_placements(request), requested_classes(request, info)
-        if placed and shared is None:
-            raise InvalidArgument("outputs: shared memory is not served here")
     return Call(backend, decoded, names, version, placed, shared, classes)

@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 from coalesce.codecs import wire
+from coalesce.codecs.kserve import Layout
 from coalesce.core import access
 from coalesce.core.router import Router
 from coalesce.errors import CoalesceError, NotFound, abort, grpc_status
@@ -34,17 +35,18 @@ class KServeService:
         self.router = router
         self.shared = shared
         self._time = asyncio.get_running_loop().time
+        self._layouts: dict[str, Layout] = {}  # routed model names only: bounded
 
     def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
         """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
-        return prepare(self.router, request, context, self._time, self.shared)
+        return prepare(self.router, request, context, self._time, self.shared, self._layouts)
 
     async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
         # grpc_status's wrapping inlined: this is the hottest coroutine of all
         try:
             if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
                 raise request
-            call = prepare(self.router, request, context, self._time, self.shared)
+            call = prepare(self.router, request, context, self._time, self.shared, self._layouts)
             outputs = await call.backend.infer(call.request)
             return call.answer(request, outputs)
         except Exception as exc:
