@@ -14,7 +14,8 @@ body or a serialized ModelInferRequest (kserve-proto). Rows:
 2. Coalesce, at_least_once and exactly_once (noida-db only), each format: a backlog of
    N messages in the inbox, then Coalesce starts (`--workers` serving processes, one
    consumer each in one group); timed from its first result's CreateTime to its
-   last's, read once all are out, every result checked;
+   last's, read once all are out, every result checked; `--repeats` runs of every
+   row, interleaved, and their median;
 3. a naive consumer (one Python process, librdkafka) on the same kind of backlog: per
    message, decode the JSON, call the model on its one row, encode, produce the
    result, commit asynchronously;
@@ -258,12 +259,12 @@ def _published_when(proxy: Process, count: int) -> None:
     raise RuntimeError(f"the pipeline did not publish {count} results in time")
 
 
-def naive(broker: Broker, values, expected) -> dict:
+def naive(broker: Broker, tag: str, values, expected) -> dict:
     """One message at a time, what a team writes first, on the same backlog: from its
     first message to its last result delivered; checked afterwards."""
-    broker.create_topics("in-naive", "out-naive")
-    produce(broker, "in-naive", values)
-    c = consumer(broker, "in-naive", "naive")
+    broker.create_topics(f"in-{tag}", f"out-{tag}")
+    produce(broker, f"in-{tag}", values)
+    c = consumer(broker, f"in-{tag}", tag)
     p = Producer({"bootstrap.servers": broker.address, "linger.ms": 2})
     done, start = 0, None
     while done < len(values):
@@ -285,14 +286,14 @@ def naive(broker: Broker, values, expected) -> dict:
                 }
             ],
         }
-        p.produce("out-naive", json.dumps(answer).encode(), record.key())
+        p.produce(f"out-{tag}", json.dumps(answer).encode(), record.key())
         p.poll(0)
         c.commit(record, asynchronous=True)
         done += 1
     p.flush(60)
     end = time.perf_counter()
     c.close()
-    wrong = drain(broker, "out-naive", len(values), expected, "check-naive").wrong
+    wrong = drain(broker, f"out-{tag}", len(values), expected, f"check-{tag}").wrong
     return {"msgs_per_s": (len(values) - 1) / (end - start), "wrong": wrong}
 
 
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-messages", type=int, default=10_000)
     parser.add_argument("--light-messages", type=int, default=500)
     parser.add_argument("--workers", type=int, default=1, help="Coalesce's serving processes")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each row (medians)")
     parser.add_argument(
         "--broker",
         choices=("noida", "tansu"),
@@ -332,41 +334,55 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:
             report["ceiling"] = ceiling(broker, values)
             tmp_path = Path(tmp)
-            for i, row in enumerate(rows):
-                kind, fields = ROWS[row]
-                report[row] = pipeline(
-                    broker,
-                    tmp_path,
-                    f"r{i}",
-                    proto if kind == "kserve-proto" else values,
-                    expected,
-                    args.workers,
-                    **fields,
-                )
+            runs: dict[str, list[dict]] = {row: [] for row in (*rows, "naive")}
             n = args.naive_messages
-            report["naive"] = naive(broker, values[:n], expected[:n])
+            for repeat in range(args.repeats):  # interleaved: drift hits every row alike
+                for i, row in enumerate(rows):
+                    kind, fields = ROWS[row]
+                    runs[row].append(
+                        pipeline(
+                            broker,
+                            tmp_path,
+                            f"r{repeat}-{i}",
+                            proto if kind == "kserve-proto" else values,
+                            expected,
+                            args.workers,
+                            **fields,
+                        )
+                    )
+                runs["naive"].append(naive(broker, f"n{repeat}", values[:n], expected[:n]))
+            for row, found in runs.items():
+                rates = [r["msgs_per_s"] for r in found]
+                report[row] = {
+                    "msgs_per_s": statistics.median(rates),
+                    "runs": rates,
+                    "wrong": sum(r["wrong"] for r in found),
+                }
             k = args.light_messages
             report["light"] = latency(broker, tmp_path, values[:k], expected[:k])
     finally:
         broker.close()
     c, naive_rate = report["ceiling"], report["naive"]["msgs_per_s"]
     print(f"\nbroker {args.broker}, {args.workers} Coalesce worker(s)")
-    print("\n| path | messages/s | vs naive | vs broker consume ceiling | wrong |")
-    print("|---|---|---|---|---|")
-    print(f"| broker ceiling: produce | {c['produce_msgs_per_s']:,.0f} | — | — | — |")
+    print("\n| path | messages/s | runs | vs naive | vs broker consume ceiling | wrong |")
+    print("|---|---|---|---|---|---|")
+    print(f"| broker ceiling: produce | {c['produce_msgs_per_s']:,.0f} | 1 | — | — | — |")
     print(
-        f"| broker ceiling: consume | {c['consume_msgs_per_s']:,.0f} | — | 1.00x | {c['missing']} |"
+        f"| broker ceiling: consume | {c['consume_msgs_per_s']:,.0f} | 1 | — | 1.00x "
+        f"| {c['missing']} |"
     )
     for key in (*rows, "naive"):
         r = report[key]
         print(
             f"| {'coalesce ' + key if key != 'naive' else 'naive consumer, one call per message'} "
-            f"| {r['msgs_per_s']:,.0f} | {r['msgs_per_s'] / naive_rate:.1f}x "
+            f"| {r['msgs_per_s']:,.0f} | {min(r['runs']):,.0f} to {max(r['runs']):,.0f} "
+            f"| {r['msgs_per_s'] / naive_rate:.1f}x "
             f"| {r['msgs_per_s'] / c['consume_msgs_per_s']:.2f}x | {r['wrong']} |"
         )
     light = report["light"]
     print(
-        f"\nat 100 messages/s: produce-to-result p50 {light['p50_ms']:.1f} ms, "
+        f"\nmedians of {args.repeats} runs each, interleaved; "
+        f"at 100 messages/s: produce-to-result p50 {light['p50_ms']:.1f} ms, "
         f"p99 {light['p99_ms']:.1f} ms"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
