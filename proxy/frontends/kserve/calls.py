@@ -87,9 +87,8 @@ def prepare(
             if placed and shared is None:
                 raise InvalidArgument("outputs: shared memory is not served here")
         if layouts is not None:
-            layout = layouts.get(request.model_name) or layouts.setdefault(
-                request.model_name, Layout()
-            )
+            if layout is None:
+                layout = layouts[request.model_name] = Layout()
             layout.learn(request, decoded, info, names, classes)
     decoded.metadata = metadata
     if router.tracer is not None:
