@@ -47,6 +47,8 @@ def server(tmp_path_factory):
         args=("--http", f"127.0.0.1:{port}"),
     )
     process.http_port = port
+    process.http = f"127.0.0.1:{port}"  # given by --http, not the config: wait for it too
+    process._wait_serving()
     yield process
     assert process.terminate() == 0, process.output()
 
