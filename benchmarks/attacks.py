@@ -7,8 +7,9 @@ For each attack, a fresh `coalesce serve` (the bundled example model as a `local
 backend; its gRPC listener is our own HTTP/2: `listen`, or `fast_listen` where the
 config still has that) and, for the whole run, in this process:
 
-- the well-behaved client: tritonclient.grpc ModelInfer calls in a closed loop on one
-  connection (`--legit-concurrency` calls at a time), every answer checked;
+- the well-behaved client: tritonclient.grpc ModelInfer calls on one connection
+  (`--legit-concurrency` threads), `--legit-rate` calls/s in all (200; 0: a closed loop),
+  every answer checked, each timed from when it was due;
 - a second well-behaved connection (tests/support/h2peer.py) sending a PING every
   20 ms and timing its ACK: how long the server's event loop stalls;
 - the server's RSS, sampled every 100 ms.
@@ -135,6 +136,10 @@ PING_EVERY_S = 0.020
 PING_TIMEOUT_S = 2.0
 RSS_EVERY_S = 0.100
 CALL_TIMEOUT_S = 5.0
+# The well-behaved client's pace. A closed loop (--legit-rate 0) measures what this
+# client's own CPU gets, which attackers sharing it take (control-cpu: 0.83x with no
+# attack on the server at all); a caller at its own pace measures the server.
+LEGIT_RATE = 200.0
 SPAWN_LEAD_S = 2.0  # attackers start this long after they are spawned (imports, connects)
 ATTACKER_GRACE_S = 15.0  # past its phase an attacker is killed
 
@@ -828,13 +833,17 @@ def attacker_main(args) -> int:
 class Monitor:
     """The well-behaved client, the PING prober and the RSS sampler, in threads."""
 
-    def __init__(self, url: str, port: int, pid: int, concurrency: int, tls: str = "") -> None:
+    def __init__(
+        self, url: str, port: int, pid: int, concurrency: int, tls: str = "", rate: float = 0.0
+    ) -> None:
         import numpy as np
         import tritonclient.grpc as grpcclient
         from coalesce.example_model import load
 
         self.np = np
         self.port, self.pid, self.tls = port, pid, tls
+        self.period = concurrency / rate if rate > 0 else 0.0  # each thread's, when paced
+        self.concurrency = concurrency
         self.records: list[tuple[float, float, int]] = []  # (end, latency s, 0 ok 1 error 2 wrong)
         self.pings: list[tuple[float, float]] = []  # (sent, rtt s)
         self.rss: list[tuple[float, float]] = []
@@ -876,12 +885,21 @@ class Monitor:
         self.client.close()
 
     def _legit(self, k: int) -> None:
-        np, client, mine = self.np, self.client, self.inputs[k]
+        """Closed loop, or paced (`period`): a call every `period` s, its latency timed
+        from when it was due, so that a call held up by a late one counts its wait too
+        (no coordinated omission)."""
+        np, client, mine, period = self.np, self.client, self.inputs[k], self.period
         i = 0
+        due = time.monotonic() + k * period / self.concurrency
         while not self._stop.is_set():
             inp, want = mine[i % len(mine)]
             i += 1
-            start = time.monotonic()
+            if period:
+                if (ahead := due - time.monotonic()) > 0 and self._stop.wait(ahead):
+                    return
+                start, due = due, due + period
+            else:
+                start = time.monotonic()
             try:
                 got = client.infer(MODEL, [inp], client_timeout=CALL_TIMEOUT_S)
                 y = got.as_numpy("probabilities")
@@ -1112,7 +1130,7 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
             pin(pid, split[0])
         boosted = renice(pid, opts.boost) if opts.boost else False
         url = f"127.0.0.1:{port}"
-        monitor = Monitor(url, port, pid, opts.legit_concurrency, ca)
+        monitor = Monitor(url, port, pid, opts.legit_concurrency, ca, opts.legit_rate)
         monitor.start()
         time.sleep(opts.warmup)
         b0 = time.monotonic()
@@ -1204,6 +1222,7 @@ def run_attack(name: str, opts, tmp: Path) -> dict:
         "attack": name,
         "tls": bool(opts.tls),
         "concurrency": opts.legit_concurrency,
+        "legit_rate": opts.legit_rate,  # calls/s, paced; 0: a closed loop
         "duration_s": duration,
         "attacker_processes": attack.processes,
         "attacker_connections_at_a_time": attack.processes * attack.conns,
@@ -1428,7 +1447,8 @@ def table(rows: list[dict], opts) -> str:
     return (
         f"Attacks on our HTTP/2 server: {opts.duration:g} s baseline, {opts.duration:g} s attack, "
         f"{opts.recovery:g} s recovery each; legit client c={opts.legit_concurrency} "
-        f"(tritonclient.grpc), attackers at "
+        + (f"paced at {opts.legit_rate:g} calls/s " if opts.legit_rate > 0 else "closed loop ")
+        + "(tritonclient.grpc), attackers at "
         + ("SCHED_IDLE" if opts.nice == "idle" else f"nice {opts.nice}")
         + (
             ", the server pinned to one CPU, client and attackers to the other(s)"
@@ -1456,6 +1476,7 @@ def _defaults(args) -> argparse.Namespace:
         nice=getattr(args, "nice", "0"),
         boost=getattr(args, "boost", -10),
         legit_concurrency=getattr(args, "legit_concurrency", 2),
+        legit_rate=getattr(args, "legit_rate", LEGIT_RATE),
         inline=getattr(args, "inline", False),
         quiet_wait=getattr(args, "quiet_wait", 20.0),
         pin=getattr(args, "pin", True),
@@ -1513,6 +1534,13 @@ def main(argv: list[str] | None = None) -> int:
         "one CPU, this client and the attackers on the others)",
     )
     parser.add_argument("--legit-concurrency", type=int, default=2)
+    parser.add_argument(
+        "--legit-rate",
+        type=float,
+        default=LEGIT_RATE,
+        help=f"the well-behaved client's calls/s, paced over its connections' threads "
+        f"(default {LEGIT_RATE:g}; 0: a closed loop, as fast as it gets answers)",
+    )
     parser.add_argument(
         "--inline",
         action="store_true",

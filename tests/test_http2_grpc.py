@@ -121,6 +121,46 @@ async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
         await client.close()
 
 
+async def test_calls_the_peer_resets_in_the_same_read_never_start():
+    """Rapid Reset's currency is work started for streams the peer cancels at once: a
+    call's handler starts only once the parser is through the read that completed it,
+    so HEADERS + DATA + RST_STREAM read together cost no task."""
+    loop = asyncio.get_running_loop()
+    started = []
+
+    def factory(loop, coro, **kwargs):
+        if getattr(coro, "__qualname__", "") == "GrpcApp._unary":
+            started.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with running(CONFIG) as server:
+        block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
+        burst = b"".join(
+            h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block)
+            + h2.frame(h2.DATA, h2.END_STREAM, 2 * i + 1, h2.grpc_message(b"\n\x04echo"))
+            + h2.frame(h2.RST_STREAM, 0, 2 * i + 1, (h2.CANCEL).to_bytes(4, "big"))
+            for i in range(200)
+        )
+
+        def attack() -> None:
+            with h2.Peer(server.port).handshake() as p:
+                p.send(burst)
+                p.ping()  # read after the burst: every stream in it was parsed
+
+        loop.set_task_factory(factory)
+        try:
+            await in_thread(attack)
+        finally:
+            loop.set_task_factory(None)
+        # (a read may end between a call's DATA and its RST_STREAM)
+        assert len(started) <= 2, f"{len(started)} of 200 reset calls were started"
+        client = aio.InferenceServerClient(address(server))
+        x = np.ones((1, 4), np.float32)
+        result = await client.infer("echo", inputs(x=x))  # the connection's neighbours: served
+        np.testing.assert_array_equal(result.as_numpy("x"), x)
+        await client.close()
+
+
 async def test_a_stream_is_answered_request_by_request_before_the_client_half_closes():
     async with running(CONFIG) as server:
         client = aio.InferenceServerClient(address(server))

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import itertools
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -246,6 +247,61 @@ def test_a_penalised_address_waits_before_it_is_answered(server):
     assert answered(source) > 0.4
     assert answered(attacker_address()) < 0.2
     answers_promptly(server)
+
+
+def test_what_a_held_connection_sends_is_read_once_it_is_let_in(server):
+    """A held connection's first bytes (uvloop reads them even with reading paused) wait
+    for it to be let in, and are answered then: not parsed meanwhile, not dropped."""
+    source = attacker_address()
+    for _ in range(10):
+        calm(server, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+    start = time.monotonic()
+    with h2.Peer(server.port, source=source).connect() as p:
+        p.send(h2.frame(h2.PING, 0, 0, b"was-held"))
+        p.expect(lambda f: f.kind == h2.PING and f.flags & h2.ACK and f.payload == b"was-held")
+    assert time.monotonic() - start > 0.4
+    answers_promptly(server)
+
+
+def test_a_flood_on_one_connection_is_parsed_in_turns_with_the_others(tmp_path_factory):
+    """Input is parsed a millisecond at a time, the other connections served in between.
+    The flood: Rapid Reset streams (their budget raised so that it is not cut short)
+    sent while the connection is held, so that it is all there at once when it is let
+    in; meanwhile a neighbour's PINGs are answered in a small part of what it takes."""
+    budgets = {"reset_rate": [10**6, 10**6], "empty_frame_rate": [10**6, 10**6]}
+    process = serve(tmp_path_factory, "flood", budgets)
+    try:
+        source = attacker_address()
+        for _ in range(10):  # held a second from now on
+            calm(process, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+        block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
+        flood = b"".join(
+            h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block)
+            + h2.frame(h2.DATA, h2.END_STREAM, 2 * i + 1, h2.grpc_message(b"\n\x07example"))
+            + h2.frame(h2.RST_STREAM, 0, 2 * i + 1, struct.pack(">I", h2.CANCEL))
+            for i in range(6000)
+        )
+        with h2.Peer(process.port).handshake() as p, h2.Peer(process.port, source=source) as f:
+            f.connect()
+            f.send(flood + h2.frame(h2.PING, 0, 0, b"floodend"))
+            f.expect(lambda got: got.kind == h2.SETTINGS, 5)  # let in: its flood is parsed
+            let_in, rtts = time.monotonic(), []
+            done = threading.Event()
+
+            def wait_through() -> None:
+                f.expect(lambda got: got.kind == h2.PING and got.payload == b"floodend", 20)
+                done.set()
+
+            waiter = threading.Thread(target=wait_through)
+            waiter.start()
+            while not done.is_set() and len(rtts) < 500:
+                rtts.append(p.ping())
+                time.sleep(0.003)
+            waiter.join()
+            through = time.monotonic() - let_in
+        assert max(rtts) < through / 3, (max(rtts), through, "the flood was parsed in one go")
+    finally:
+        process.terminate()
 
 
 def test_a_penalty_fades(tmp_path_factory):

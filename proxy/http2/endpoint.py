@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
+from time import monotonic
 from typing import Any
 
 from coalesce.telemetry.logs import RateLimited
@@ -46,6 +48,13 @@ DEFAULT_WINDOW = 65535
 # measured under perf_analyzer --streaming, which a budget of 2 cut off.
 WINDOW_UPDATES_PER_DATA = 10.0
 LINGER_S = 1.0  # after an error's GOAWAY, how long the peer has to read it before we close
+# One read of a connection may hold a quarter MiB of frames: parsed in one go, a burst of
+# Rapid Reset streams on 8 connections stalled the loop 200 ms and everyone's calls with
+# it (benchmarks/attacks.py). So one read gets this much loop time; the rest waits, its
+# connection's reading paused, in a Backlog; the clock is read every SLICE_FRAMES frames.
+SLICE_S = 0.001
+SLICE_FRAMES = 32
+HEAVY_S = 0.1  # a connection that used up a slice this recently waits in the Backlog
 # Towards a backend we chose ourselves: wide windows, no shared receive pool.
 CLIENT_LIMITS = Limits(stream_window=1 << 22, connection_window=1 << 30)
 
@@ -109,6 +118,35 @@ class Stream:
         self.writable: asyncio.Future | None = None  # a writer waiting for `pending` to drain
 
 
+class Backlog:
+    """Connections with input left over from a slice, parsed in turn: all of them together
+    get SLICE_S of loop time per pass of the loop. So a flood on many connections costs
+    every other caller one slice per pass, not one per flooding connection, and the
+    flood still gets whatever time the loop has to spare."""
+
+    __slots__ = ("_loop", "_queue", "_scheduled")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[Endpoint] = deque()
+        self._scheduled = False
+
+    def add(self, endpoint: Endpoint) -> None:
+        self._queue.append(endpoint)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        queue, until = self._queue, monotonic() + SLICE_S
+        while queue and monotonic() < until:
+            queue.popleft().resume_input(until)  # what is still left goes back in the queue
+        if queue and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return (
         len(payload).to_bytes(3, "big")
@@ -124,9 +162,15 @@ class Endpoint(asyncio.Protocol):
     expects_preface = False  # the server reads the client's preface first
     corks = True  # see write()
 
-    def __init__(self, limits: Limits = CLIENT_LIMITS, pool: ReceivePool | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits = CLIENT_LIMITS,
+        pool: ReceivePool | None = None,
+        backlog: Backlog | None = None,
+    ) -> None:
         self.limits = limits
         self.pool = pool
+        self.backlog = backlog or Backlog()  # a server's connections share one
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.decoder = Decoder(limits.max_header_list_size, self.check_fields)
@@ -138,7 +182,11 @@ class Endpoint(asyncio.Protocol):
         self.acked = False  # the peer acknowledged our SETTINGS
         self.max_streams = limits.max_concurrent_streams  # what our SETTINGS advertise
         self.closed = asyncio.get_running_loop().create_future()
-        self._buffer = b""
+        self._buffer = b""  # input not parsed yet: from self._pos on
+        self._pos = 0
+        self._backlog = False  # input left for a later pass of the loop (SLICE_S)
+        self._heavy_until = 0.0
+        self._write_paused = False
         self._started = not self.expects_preface
         self._block = bytearray()  # a header block continued in CONTINUATION frames
         self._block_stream = 0
@@ -155,6 +203,7 @@ class Endpoint(asyncio.Protocol):
         self._credit_step = limits.connection_window // 4
         self.held = 0
         self._blocked: dict[int, Stream] = {}  # streams waiting for send window
+        self.ready: list = []  # see start_ready
         self.resets: set[int] = set()  # streams we reset lately
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] | None = None  # frames waiting for this loop pass to end
@@ -232,9 +281,22 @@ class Endpoint(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # closing: what the peer still sends is dropped
-        buffer = self._buffer + data if self._buffer else data
+        if self._backlog or self.transport is None:  # in the pipeline when reading paused
+            self._buffer += data
+            return
+        buffer = self._buffer[self._pos :] + data if self._buffer else data
+        now = monotonic()
+        if now < self._heavy_until:  # it floods: its turn in the Backlog, after the others
+            self._buffer, self._pos = buffer, 0
+            self.read_later()
+            return
+        self._parse(buffer, 0, now + SLICE_S)
+
+    def _parse(self, buffer: bytes, pos: int, until: float) -> None:
         try:
-            used = self._frames(buffer)
+            pos = self._frames(buffer, pos, until)
+            if self.ready:
+                self.start_ready()
         except ProtocolError as exc:
             self._buffer = b""
             self.close(exc.code, str(exc))
@@ -244,7 +306,35 @@ class Endpoint(asyncio.Protocol):
             _log.log("bug", logging.ERROR, "HTTP/2 connection failed: %r", exc, exc_info=exc)
             self.close(INTERNAL_ERROR, f"internal error: {type(exc).__name__}", quiet=True)
             return
-        self._buffer = buffer[used:]
+        if pos < len(buffer):  # kept whole, not copied: a slice's rest is parsed from pos
+            self._buffer, self._pos = buffer, pos
+        else:
+            self._buffer, self._pos = b"", 0
+        if self._backlog:
+            self._heavy_until = monotonic() + HEAVY_S
+            self.read_later()
+
+    def start_ready(self) -> None:
+        """Start the calls `ready` holds: those whose request completed in this pass of
+        the parser and that the peer did not reset in the same pass (Rapid Reset's
+        streams, most of them, never cost a task)."""
+        self.ready.clear()
+
+    def read_later(self) -> None:
+        """Parse what is buffered in the Backlog's turn, reading paused until then."""
+        self._backlog = True
+        self.transport.pause_reading()
+        self.backlog.add(self)
+
+    def resume_input(self, until: float) -> None:
+        """The Backlog's turn: parse until `until`, then read again if all is parsed."""
+        self._backlog = False
+        if self.lingering or self.transport is None or self.transport.is_closing():
+            return
+        buffer, pos, self._buffer, self._pos = self._buffer, self._pos, b"", 0
+        self._parse(buffer, pos, until)
+        if not self._backlog and not self._write_paused and not self.lingering:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._blocked.clear()
@@ -261,17 +351,19 @@ class Endpoint(asyncio.Protocol):
         self.on_lost()
 
     def pause_writing(self) -> None:  # the peer reads slower than we write: stop reading
+        self._write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.lingering:
+        self._write_paused = False
+        if self.transport is not None and not self.lingering and not self._backlog:
             self.transport.resume_reading()
 
     # frames in
 
-    def _frames(self, buffer: bytes) -> int:
-        pos, end = 0, len(buffer)
+    def _frames(self, buffer: bytes, pos: int, until: float) -> int:
+        end = len(buffer)
         if not self._started:
             if buffer[: len(PREFACE)] != PREFACE[:end]:
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
@@ -280,7 +372,12 @@ class Endpoint(asyncio.Protocol):
             if buffer[len(PREFACE) + 3] != SETTINGS:
                 raise ProtocolError(PROTOCOL_ERROR, "the preface must be followed by SETTINGS")
             pos, self._started = len(PREFACE), True
+        count = 0  # `until` is by the clock: uvloop's time() stands still during a pass
         while end - pos >= 9:
+            count += 1
+            if count % SLICE_FRAMES == 0 and monotonic() > until:
+                self._backlog = True  # the rest after the loop's other callbacks
+                break
             length = int.from_bytes(buffer[pos : pos + 3], "big")
             if length > MAX_FRAME:
                 raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")

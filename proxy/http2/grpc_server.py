@@ -278,8 +278,11 @@ class GrpcApp:
                 stream, connection, grpc.StatusCode.INTERNAL, "the request is not one gRPC message"
             )
             return
-        message, flag = bytes(body[5:]), body[0]
         stream.body = bytearray()
+        connection.ready.append((stream, bytes(body[5:]), body[0]))  # started by start()
+
+    def start(self, connection: ServerConnection, stream: Stream, message: bytes, flag: int):
+        """A unary call whose request the parser has passed (ServerConnection.start_ready)."""
         self._start(connection, stream, self._unary(connection, stream, message, flag))
 
     def data(self, connection: ServerConnection, stream: Stream, end: bool) -> None:

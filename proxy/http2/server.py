@@ -26,6 +26,7 @@ from .endpoint import (
     REFUSED_STREAM,
     SETTINGS_TIMEOUT,
     STREAM_CLOSED,
+    Backlog,
     Endpoint,
     ProtocolError,
     Stream,
@@ -33,6 +34,7 @@ from .endpoint import (
 )
 from .limits import Limits, Penalties, ReceivePool
 
+HELD_BYTES = 1 << 20  # a held connection's input kept for when it is let in; more: closed
 HAS_LENGTH = "content-length"  # check_fields' answer for a valid list with a content-length
 _CONNECTION_SPECIFIC = frozenset(
     ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
@@ -91,7 +93,11 @@ class App(Protocol):
         or wait for `request`."""
 
     def request(self, connection: ServerConnection, stream: Stream) -> None:
-        """The whole request of a stream that is not streaming has come."""
+        """The whole request of a stream that is not streaming has come: answer it now, or
+        put (stream, message, flag) on `connection.ready` for `start`."""
+
+    def start(self, connection: ServerConnection, stream: Stream, message: bytes, flag: int):
+        """Run a call from `connection.ready`, the parser's pass over and it still open."""
 
     def data(self, connection: ServerConnection, stream: Stream, end: bool) -> None:
         """A streaming request's body has grown, or ended."""
@@ -107,8 +113,9 @@ class ServerConnection(Endpoint):
         on_close: Callable[[ServerConnection], None],
         limits: Limits | None = None,
         pool: ReceivePool | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
-        super().__init__(limits or Limits(), pool)
+        super().__init__(limits or Limits(), pool, backlog)
         self.app = app
         self.max_body = max_body
         self._on_close = on_close
@@ -143,6 +150,23 @@ class ServerConnection(Endpoint):
             return
         self._let_in(transport)
 
+    def data_received(self, data: bytes) -> None:
+        held = self.on_hold
+        if held is not None:  # uvloop starts reading after connection_made, paused or not
+            held.pause_reading()
+            self._buffer += data  # one read's worth, parsed once it is let in
+            if len(self._buffer) > HELD_BYTES:
+                held.close()
+            return
+        super().data_received(data)
+
+    def start_ready(self) -> None:
+        ready, self.ready = self.ready, []
+        streams, start = self.streams, self.app.start
+        for stream, message, flag in ready:
+            if streams.get(stream.id) is stream:  # not reset meanwhile
+                start(self, stream, message, flag)
+
     def _let_in(self, transport) -> None:
         if self.on_hold is not None:
             self.on_hold = None
@@ -153,6 +177,8 @@ class ServerConnection(Endpoint):
         identify = self.identify
         if identify is not None:
             self.auth = identify(transport.get_extra_info("ssl_object"))
+        if self._buffer:  # what arrived while it was held
+            self.read_later()
 
     def is_idle(self, stream_id: int) -> bool:
         unused = stream_id > self.last_stream or not stream_id % 2
@@ -361,6 +387,7 @@ class Listener:
     def __init__(self, app: App, max_body: int, limits: Limits) -> None:
         self.app, self.max_body, self.limits = app, max_body, limits
         self.pool = ReceivePool(limits.max_buffered_bytes)
+        self.backlog: Backlog | None = None  # made on the loop, once it runs
         self.penalties = Penalties(limits.penalty_half_life_s)
         self.connections: set[ServerConnection] = set()
         self.refused = 0
@@ -380,6 +407,7 @@ class Listener:
         self._identify = identify
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
+        self.backlog = Backlog()
         self._server = await loop.create_server(
             self._connection,
             host.strip("[]") or None,
@@ -399,7 +427,7 @@ class Listener:
             self.refused += 1
             return _Refused()
         connection = ServerConnection(
-            self.app, self.max_body, self.connections.discard, self.limits, self.pool
+            self.app, self.max_body, self.connections.discard, self.limits, self.pool, self.backlog
         )
         connection.identify = self._identify
         connection.penalties = self.penalties
