@@ -177,15 +177,19 @@ def test_a_flood_of_control_frames_costs_its_connection(server, data, repeat):
     calm(server, data, repeat)
 
 
-def test_rapid_reset_costs_its_connection(server):
+def rapid_reset(streams: int) -> bytes:
+    """ModelInfer calls, each cancelled as soon as it is sent (HEADERS, DATA, RST_STREAM)."""
     block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
-    burst = b"".join(
+    return b"".join(
         h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block)
         + h2.frame(h2.DATA, h2.END_STREAM, 2 * i + 1, h2.grpc_message(b"\n\x07example"))
         + h2.frame(h2.RST_STREAM, 0, 2 * i + 1, struct.pack(">I", h2.CANCEL))
-        for i in range(1100)
+        for i in range(streams)
     )
-    calm(server, burst)
+
+
+def test_rapid_reset_costs_its_connection(server):
+    calm(server, rapid_reset(1100))
 
 
 def test_settings_cost_does_not_grow_with_entries_times_streams(server):
@@ -274,13 +278,7 @@ def test_a_flood_on_one_connection_is_parsed_in_turns_with_the_others(tmp_path_f
         source = attacker_address()
         for _ in range(10):  # held a second from now on
             calm(process, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
-        block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
-        flood = b"".join(
-            h2.frame(h2.HEADERS, h2.END_HEADERS, 2 * i + 1, block)
-            + h2.frame(h2.DATA, h2.END_STREAM, 2 * i + 1, h2.grpc_message(b"\n\x07example"))
-            + h2.frame(h2.RST_STREAM, 0, 2 * i + 1, struct.pack(">I", h2.CANCEL))
-            for i in range(6000)
-        )
+        flood = rapid_reset(6000)
         with h2.Peer(process.port).handshake() as p, h2.Peer(process.port, source=source) as f:
             f.connect()
             f.send(flood + h2.frame(h2.PING, 0, 0, b"floodend"))
