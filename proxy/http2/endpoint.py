@@ -281,7 +281,7 @@ class Endpoint(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # closing: what the peer still sends is dropped
-        if self._backlog or self.transport is None:  # in the pipeline when reading paused
+        if self._backlog:  # it was already on its way when reading paused
             self._buffer += data
             return
         buffer = self._buffer[self._pos :] + data if self._buffer else data
