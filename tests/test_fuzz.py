@@ -524,6 +524,81 @@ def test_kserve_grpc_valid_tensors_decode_exactly(datatype: str, typed: bool, da
         assert decoded.tobytes() == array.tobytes()
 
 
+@fuzz(300)
+@given(template=kserve_requests(), other=kserve_requests(), data=st.data())
+def test_kserve_layout_takes_only_requests_the_full_decode_reads_alike(
+    template: Any, other: Any, data: Any
+) -> None:
+    """A Known layout lets a request skip the checks (Known.take) only where the full
+    decode would read it with the same tensors and outputs; any other request is left
+    whole. Variants: the template with new bytes and id (must be taken), or any request."""
+    info = ModelInfo()
+    decoded = outcome(lambda: kserve_codec.decode(template, None))
+    names = outcome(lambda: kserve_codec.requested_outputs(template, info))
+    if isinstance(decoded, CoalesceError) or isinstance(names, CoalesceError):
+        return
+    layout = kserve_codec.Layout()
+    layout.learn(template, decoded, info, names, None)
+    if layout.known is None:
+        return
+    if data.draw(st.booleans()):
+        other = wire.ModelInferRequest()
+        other.CopyFrom(template)
+        other.id = data.draw(TEXT)
+        del other.raw_input_contents[:]
+        for raw in template.raw_input_contents:
+            other.raw_input_contents.append(
+                data.draw(st.binary(min_size=len(raw), max_size=len(raw)))
+            )
+        must = True
+    else:
+        must = False
+    before = wire.ModelInferRequest()
+    before.CopyFrom(other)
+    raws = layout.known.take(other, info)
+    if raws is None:
+        assert not must
+        assert other == before  # left whole for the full decode
+        return
+    assert other.id == before.id and raws == list(before.raw_input_contents)
+    full = kserve_codec.decode(before, None)
+    assert kserve_codec.requested_outputs(before, info) == names
+    joined = layout.known.join([raws])
+    assert list(joined) == list(full.inputs) and full.rows == layout.known.rows
+    for name, array in full.inputs.items():
+        assert joined[name].dtype == array.dtype and joined[name].shape == array.shape
+        assert joined[name].tobytes() == array.tobytes()
+
+
+@fuzz(200)
+@given(
+    datatype=st.sampled_from([d for d in DTYPES if d != "BYTES"]),
+    count=st.integers(1, 4),
+    rows=st.integers(1, 3),
+    ids=st.lists(TEXT, min_size=4, max_size=4),
+    data=st.data(),
+)
+def test_kserve_answers_of_a_batch_encode_as_each_alone(
+    datatype: str, count: int, rows: int, ids: list[str], data: Any
+) -> None:
+    """encode_rows (one copy of each output for a batch) gives each request the bytes
+    encode() gives it from its own rows."""
+    tail = data.draw(st.lists(st.integers(0, 3), max_size=2))
+    outputs = {
+        "y": data.draw(arrays(DTYPES[datatype], [rows * count, *tail])),
+        "z": data.draw(arrays(DTYPES["INT32"], [rows * count])),
+    }
+    names = data.draw(st.sampled_from([[], ["z"], ["z", "y"]]))
+    answers = kserve_codec.encode_rows("m", ids[:count], rows, "3", outputs, names)
+    assert answers is not None
+    for i, answer in enumerate(answers):
+        request = wire.ModelInferRequest(model_name="m", id=ids[i])
+        own = {n: a[i * rows : (i + 1) * rows] for n, a in outputs.items()}
+        assert answer == kserve_codec.encode(request, "3", own, names)
+    bytes_out = {"y": np.array([b"a"] * rows * count, dtype=object)}
+    assert kserve_codec.encode_rows("m", ids[:count], rows, "3", bytes_out, []) is None
+
+
 @fuzz(800)
 @given(request=predict_requests())
 @example(request=tf_tensor([2**40], float_val=[1.0]))  # was: a 4 TiB fill, broadcast lazily

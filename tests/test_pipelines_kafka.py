@@ -424,23 +424,29 @@ def test_a_reload_adds_and_removes_pipelines(broker, coalesce_process):
 
 
 def test_kserve_proto_messages_are_answered_with_model_infer_responses(broker, coalesce_process):
-    """Messages of one layout take a short path (formats.Layout); each variant after
-    them must still get the full checks: a wrong size or output name is its own dead
-    letter, another row count its own right answer."""
+    """Messages of one layout take a short path (kserve.Known: their tensors joined and
+    their answers encoded per batch); each variant after them must still get the full
+    checks: a wrong size or output name is its own dead letter, another row count its
+    own right answer, a run asking for classifications its own (encoded one by one)."""
     from coalesce.codecs import wire
+    from coalesce.core.tensors import decode_bytes
 
-    def request(key: str, x: np.ndarray, outputs=(), cut: int = 0) -> bytes:
+    def request(key: str, x: np.ndarray, outputs=(), cut: int = 0, top: int = 0) -> bytes:
         message = wire.ModelInferRequest(model_name="affine", id=key)
         message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
         message.raw_input_contents.append(x.tobytes()[: len(x.tobytes()) - cut])
         for name in outputs:
-            message.outputs.add(name=name)
+            output = message.outputs.add(name=name)
+            if top:
+                output.parameters["classification"].int64_param = top
         return message.SerializeToString()
 
     broker.create_topics("requests", "results", "rejected")
     coalesce_process(pipeline_config(broker, format="kserve-proto"))
     x_of = {f"p{i}": rows(3 if i % 10 == 7 else 2) + i for i in range(50)}
     values = [(key, request(key, x)) for key, x in x_of.items()]
+    top_of = {f"c{i}": rows(2) + 100 * i for i in range(10)}
+    classified = [(key, request(key, x, ["y"], top=2)) for key, x in top_of.items()]
     bad = [
         ("short", request("short", rows(2), cut=4)),
         ("no-such-output", request("no-such-output", rows(2), outputs=["nope"])),
@@ -454,16 +460,22 @@ def test_kserve_proto_messages_are_answered_with_model_infer_responses(broker, c
             key = record.key().decode()
             assert answer.id == key and dict(record.headers())["trace"] == key.encode()
             names = [o.name for o in answer.outputs]
-            y = np.frombuffer(answer.raw_output_contents[names.index("y")], dtype=np.float32)
-            x = x_of[key]
-            np.testing.assert_allclose(y.reshape(len(x), 4), affine_expected(x)["y"], rtol=1e-6)
+            raw = answer.raw_output_contents[names.index("y")]
+            if key in top_of:  # BYTES "value:index", the two largest of each row
+                y = affine_expected(top_of[key])["y"]
+                want = [f"{y[r, i]:f}:{i}".encode() for r in range(2) for i in (3, 2)]
+                assert decode_bytes(raw, 4, "y").tolist() == want, key
+            else:
+                x = x_of[key]
+                y = np.frombuffer(raw, dtype=np.float32)
+                np.testing.assert_allclose(y.reshape(len(x), 4), affine_expected(x)["y"], rtol=1e-6)
             seen.add(key)
 
     produce(broker, values[:40])  # every partition knows the layout once these are answered
     answered(read(broker, "results", 40))
-    produce(broker, [*bad, *values[40:]])
-    answered(read(broker, "results", len(values)))
-    assert seen == set(x_of)
+    produce(broker, [*bad, *values[40:], *classified])
+    answered(read(broker, "results", len(values) + len(classified)))
+    assert seen == set(x_of) | set(top_of)
     rejected = {r.key().decode(): r for r in read(broker, "rejected", len(bad))}
     assert set(rejected) == {key for key, _ in bad}
     error = {key: dict(r.headers())["coalesce-error"] for key, r in rejected.items()}

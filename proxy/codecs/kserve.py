@@ -6,7 +6,7 @@ views of the request bytes; answers are encoded by hand (see protowire).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,41 +87,79 @@ def decode(request, deadline: float | None, shared: Shared | None = None) -> Inf
     return decoded
 
 
+class Known:
+    """A layout (inputs, their sizes, the outputs asked for) that passed every check,
+    without parameters or shared memory: what Layout remembers."""
+
+    __slots__ = ("answer", "info", "rows", "sizes", "skeleton", "specs")
+
+    def __init__(self, message: Any, request: InferRequest, info: ModelInfo, answer) -> None:
+        self.info, self.answer = info, answer
+        self.sizes = [len(r) for r in message.raw_input_contents]
+        self.specs = [(n, a.dtype, a.shape) for n, a in request.inputs.items()]
+        self.rows = request.rows
+        self.skeleton = type(message)()
+        self.skeleton.CopyFrom(message)
+        self.skeleton.ClearField("id")
+        self.skeleton.ClearField("raw_input_contents")
+
+    def take(self, message: Any, info: ModelInfo) -> list[bytes] | None:
+        """The raw inputs of a request of this layout, taken out of it, or None (the
+        request left whole). Without them and its id, one compare in C checks all the
+        rest: 2 us where comparing inputs, outputs and sizes one by one took 6
+        (measured, one FP32 input of 64)."""
+        raws = list(message.raw_input_contents)
+        if info is not self.info or list(map(len, raws)) != self.sizes:
+            return None
+        id = message.id
+        message.ClearField("raw_input_contents")
+        message.ClearField("id")
+        same = message == self.skeleton
+        message.id = id
+        if not same:
+            message.raw_input_contents.extend(raws)
+            return None
+        return raws
+
+    def join(self, raws: Sequence[list[bytes]]) -> Tensors:
+        """The inputs of several requests of this layout (their `take`n raw inputs) as
+        one batch: one copy of the bytes, no per-request arrays."""
+        rows = self.rows * len(raws)
+        return {
+            name: np.frombuffer(b"".join([r[j] for r in raws]), dtype).reshape((rows, *shape[1:]))
+            for j, (name, dtype, shape) in enumerate(self.specs)
+        }
+
+
 class Layout:
-    """The layout (inputs, their sizes, the outputs asked for) of the last request to
-    one model that passed every check, without parameters or shared memory.
+    """The Known layout of the last request to one model that passed every check.
 
     One caller's requests mostly share one layout; a request whose layout equals this
     one (compared by upb, in C) would pass the same checks, so its tensors are views of
-    its bytes at once: decode takes 7 us instead of 15 (measured, one FP32 input of
-    64). Any difference, the model's info included, takes the full decode."""
+    its bytes at once: decode takes 5.4 us instead of 15 (measured, one FP32 input of
+    64; 7.7 before Known.take). Any difference, the model's info included, takes the
+    full decode."""
 
-    __slots__ = ("answer", "info", "rows", "sizes", "specs", "template")
+    __slots__ = ("known",)
 
     def __init__(self) -> None:
-        self.template: Any = None
+        self.known: Known | None = None
 
     def decode(
         self, message: Any, info: ModelInfo, deadline: float | None
     ) -> tuple[InferRequest, list[str], Classes | None] | None:
-        """(the request, the outputs asked for, their classifications), or None."""
-        t = self.template
-        raw = message.raw_input_contents
-        if (
-            t is None
-            or info is not self.info
-            or message.parameters  # a map compare is Python's, slow: the layout has none
-            or message.inputs != t.inputs
-            or message.outputs != t.outputs
-            or [len(r) for r in raw] != self.sizes
-        ):
+        """(the request, the outputs asked for, their classifications), or None. The
+        request's raw inputs are taken out of `message` (Known.take)."""
+        known = self.known
+        raws = None if known is None else known.take(message, info)
+        if raws is None:
             return None
         inputs = {
             name: np.frombuffer(r, dtype).reshape(shape)
-            for (name, dtype, shape), r in zip(self.specs, raw, strict=True)
+            for (name, dtype, shape), r in zip(known.specs, raws, strict=True)
         }
-        request = InferRequest(inputs, self.rows, deadline, message.id, route=message.model_name)
-        return (request, *self.answer)
+        request = InferRequest(inputs, known.rows, deadline, message.id, route=message.model_name)
+        return (request, *known.answer)
 
     def learn(
         self,
@@ -133,18 +171,14 @@ class Layout:
     ) -> None:
         """Remember a fully decoded request's layout, where views of its raw bytes are all
         its decode makes (no BYTES, no `contents`, no shared memory)."""
-        raw = message.raw_input_contents
         if (
             message.parameters
-            or len(raw) != len(request.inputs)
+            or len(message.raw_input_contents) != len(request.inputs)
             or any(a.dtype.kind == "O" for a in request.inputs.values())
             or output_placements(message)
         ):
             return
-        self.template, self.info = message, info
-        self.sizes = [len(r) for r in raw]
-        self.specs = [(n, a.dtype, a.shape) for n, a in request.inputs.items()]
-        self.rows, self.answer = request.rows, (names, classes)
+        self.known = Known(message, request, info, (names, classes))
 
 
 def _parameters(params) -> tuple:
@@ -208,6 +242,36 @@ def encode(
         head.append(protowire.output_tensor(5, name, datatype, array.shape))
         raws += (protowire.prefix(6, len(raw)), raw)
     return b"".join(head + raws)
+
+
+def encode_rows(
+    model: str, ids: Sequence[str], rows: int, version: str, outputs: Tensors, names: list[str]
+) -> list[bytes] | None:
+    """The answers of requests (`ids`) of `rows` rows each that were one batch, in
+    order: the bytes encode() gives each one's rows, from one copy of each output
+    instead of one per request. None where an output is BYTES (its rows vary in size)
+    or has not that many rows: encode each."""
+    count = len(ids)
+    tensors, raws = [], []
+    for name in names or outputs:
+        array = outputs.get(name)
+        if array is None:
+            raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
+        datatype, raw = to_raw(array, name)
+        if datatype == "BYTES" or array.ndim == 0 or len(array) != rows * count:
+            return None
+        size = len(raw) // count
+        tensors.append(protowire.output_tensor(5, name, datatype, (rows, *array.shape[1:])))
+        raws.append((protowire.prefix(6, size), raw, size))
+    head = protowire.strings((1, model), (2, version))
+    described = b"".join(tensors)
+    answers = []
+    for i, id in enumerate(ids):
+        parts = [head, protowire.delimited(3, id.encode()), described] if id else [head, described]
+        for prefix, raw, size in raws:
+            parts += (prefix, raw[i * size : (i + 1) * size])
+        answers.append(b"".join(parts))
+    return answers
 
 
 def _placed_tensor(name: str, datatype: str, shape, place: Placement, raw: bytes) -> bytes:

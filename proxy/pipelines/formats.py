@@ -20,8 +20,14 @@ HEADER_LENGTH = rest.HEADER_LENGTH
 
 
 class Decoded(NamedTuple):
-    request: InferRequest
+    request: InferRequest | None
+    """None for a row of a Known layout: its tensors stay in its message until its
+    chunk's are joined (Known.join), and its answer is encoded with the chunk's."""
     answer: Any  # what encode() needs besides the outputs (wanted outputs, the message)
+    id: str
+    rows: int
+    known: kserve.Known | None = None
+    raws: list[bytes] | None = None  # a row's raw inputs, taken out of its message
 
 
 def _header_length(headers: list[tuple[str, bytes]]) -> str | None:
@@ -44,15 +50,16 @@ def decode(
         header, blobs = rest.split_body(value, _header_length(headers))
         document = parse(header, "message value")
         request = rest.decode(document, blobs)
-        return Decoded(request, rest.requested_outputs(document, info, model))
+        names = rest.requested_outputs(document, info, model)
+        return Decoded(request, names, request.id, request.rows)
     message = wire.ModelInferRequest()
     try:
         message.ParseFromString(value)
     except Exception:  # protobuf's DecodeError, and whatever a hostile value provokes
         raise InvalidArgument("message value: not a serialized ModelInferRequest") from None
-    if layout is not None and (known := layout.decode(message, info, None)) is not None:
-        request, names, classes = known
-        return Decoded(request, (message, names, classes))
+    known = None if layout is None else layout.known
+    if known is not None and (raws := known.take(message, info)) is not None:
+        return Decoded(None, (message, *known.answer), message.id, known.rows, known, raws)
     request = kserve.decode(message, None)
     classes = None
     if message.outputs:
@@ -62,7 +69,7 @@ def decode(
     names = kserve.requested_outputs(message, info)
     if layout is not None:
         layout.learn(message, request, info, names, classes)
-    return Decoded(request, (message, names, classes))
+    return Decoded(request, (message, names, classes), request.id, request.rows)
 
 
 def encode(
@@ -70,7 +77,7 @@ def encode(
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The answer's bytes, and the headers it needs (binary data after a JSON header)."""
     if kind == "kserve-json":
-        body, length = rest.encode(model, version, decoded.request.id, outputs, decoded.answer)
+        body, length = rest.encode(model, version, decoded.id, outputs, decoded.answer)
         return body, [] if length is None else [(HEADER_LENGTH, str(length).encode())]
     message, names, classes = decoded.answer
     if classes:
@@ -79,3 +86,15 @@ def encode(
             if name in outputs:
                 outputs[name] = kserve.classify(outputs[name], count, name, labels)
     return kserve.encode(message, version, outputs, names), []
+
+
+def encode_rows(version: str, chunk: list[Decoded], outputs: Tensors) -> list[bytes] | None:
+    """The answers of a chunk of one Known layout's rows (kserve-proto, all alike) from
+    its batch's outputs at once, or None where each must be encoded alone."""
+    known = chunk[0].known
+    if known is None or known.answer[1]:  # classifications are per row
+        return None
+    model = known.skeleton.model_name
+    return kserve.encode_rows(
+        model, [d.id for d in chunk], known.rows, version, outputs, known.answer[0]
+    )

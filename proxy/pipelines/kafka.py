@@ -175,7 +175,7 @@ class KafkaConnector:
                     Message(
                         record.value() or b"",
                         record.key(),
-                        list(record.headers() or ()),
+                        record.headers() or [],  # a new list each call
                         record.topic(),
                         record.partition(),
                         record.offset(),
