@@ -599,6 +599,36 @@ def test_kserve_answers_of_a_batch_encode_as_each_alone(
     assert kserve_codec.encode_rows("m", ids[:count], rows, "3", bytes_out, []) is None
 
 
+@fuzz(200)
+@given(
+    datatype=st.sampled_from([d for d in DTYPES if d not in ("BYTES", "BF16")]),
+    count=st.integers(1, 4),
+    rows=st.integers(1, 3),
+    ids=st.lists(TEXT, min_size=4, max_size=4),
+    data=st.data(),
+)
+def test_kserve_rest_answers_of_a_batch_encode_as_each_alone(
+    datatype: str, count: int, rows: int, ids: list[str], data: Any
+) -> None:
+    """rest.encode_rows (each output written as JSON once for a batch, cut per request)
+    gives each request the bytes rest.encode() gives it, NaN and infinities included;
+    answers with binary data are left to encode()."""
+    tail = data.draw(st.lists(st.integers(0, 3), max_size=2))
+    outputs = {
+        "y": data.draw(arrays(DTYPES[datatype], [rows * count, *tail])),
+        "z": data.draw(arrays(DTYPES["BOOL"], [rows * count])),
+    }
+    names = data.draw(st.sampled_from([{}, {"z": False}, {"z": False, "y": False}]))
+    wanted = (names, False, {}, {})
+    answers = kserve_rest.encode_rows("m", "3", ids[:count], rows, outputs, wanted)
+    assert answers is not None
+    for i, answer in enumerate(answers):
+        own = {n: a[i * rows : (i + 1) * rows] for n, a in outputs.items()}
+        assert answer == kserve_rest.encode("m", "3", ids[i], own, wanted)[0]
+    for binary in [({"y": True}, False, {}, {}), ({}, True, {}, {})]:
+        assert kserve_rest.encode_rows("m", "3", ids[:count], rows, outputs, binary) is None
+
+
 @fuzz(800)
 @given(request=predict_requests())
 @example(request=tf_tensor([2**40], float_val=[1.0]))  # was: a 4 TiB fill, broadcast lazily

@@ -88,10 +88,19 @@ def encode(
     return kserve.encode(message, version, outputs, names), []
 
 
-def encode_rows(version: str, chunk: list[Decoded], outputs: Tensors) -> list[bytes] | None:
-    """The answers of a chunk of one Known layout's rows (kserve-proto, all alike) from
-    its batch's outputs at once, or None where each must be encoded alone."""
-    known = chunk[0].known
+def encode_rows(
+    kind: str, model: str, version: str, chunk: list[Decoded], outputs: Tensors
+) -> list[bytes] | None:
+    """The answers of a chunk whose messages are alike (one Known layout's rows, or
+    JSON bodies of as many rows asking for the same outputs) from its batch's outputs
+    at once, or None where each must be encoded alone."""
+    first = chunk[0]
+    if kind == "kserve-json":
+        if any(d.rows != first.rows or d.answer != first.answer for d in chunk):
+            return None
+        ids = [d.id for d in chunk]
+        return rest.encode_rows(model, version, ids, first.rows, outputs, first.answer)
+    known = first.known
     if known is None or known.answer[1]:  # classifications are per row
         return None
     model = known.skeleton.model_name

@@ -543,9 +543,10 @@ class _Settle:
         if error is not None:
             runner._failed(chunk, error, taken, out, self.retry, self.alone)
             return
-        outputs = future.result()
-        try:  # a chunk of one Known layout's rows: its answers at once, else each alone
-            values = formats.encode_rows(self.version, [decoded[i] for i in chunk], outputs)
+        outputs, spec = future.result(), runner.spec
+        try:  # a chunk of messages alike: their answers at once, else each alone
+            alike = [decoded[i] for i in chunk]
+            values = formats.encode_rows(spec.format, spec.route, self.version, alike, outputs)
         except CoalesceError as exc:
             values = [exc] * len(chunk)
         if values is None:

@@ -11,6 +11,7 @@ go back binary when the request asks (`binary_data_output`, or an output's
 from __future__ import annotations
 
 import asyncio
+import json
 from math import prod
 from typing import Any
 
@@ -20,7 +21,7 @@ from coalesce.codecs.kserve import Classes, class_count, classify
 from coalesce.core import access
 from coalesce.core.request import InferRequest, ModelInfo, Tensors, TensorSpec
 from coalesce.core.router import Router
-from coalesce.core.tensors import check_shape, datatype_of, from_raw, request_of, to_raw
+from coalesce.core.tensors import BF16, check_shape, datatype_of, from_raw, request_of, to_raw
 from coalesce.errors import InvalidArgument
 from coalesce.telemetry.tracing import carrier_of
 from coalesce.version import __version__
@@ -254,6 +255,48 @@ def encode(
     if not blobs:
         return body, None
     return b"".join([body, *blobs]), len(body)
+
+
+def encode_rows(
+    model: str, version: str, ids: list[str], rows: int, outputs: Tensors, wanted: Wanted
+) -> list[bytes] | None:
+    """The JSON answers of requests (`ids`) of `rows` rows each that were one batch and
+    asked for the same outputs, in order: the bytes encode() gives each one, with each
+    output written as JSON once for the whole batch (json's own text of every element,
+    cut per request) instead of once per request. None where an answer carries
+    binary data, shared memory, classifications or a BYTES or BF16 output: encode each."""
+    binary, default, placed, classes = wanted
+    if placed or classes or default or any(binary.values()):
+        return None
+    count = len(ids)
+    columns = []
+    for name in binary or outputs:
+        array = outputs.get(name)
+        if array is None:
+            raise InvalidArgument(f"outputs: model '{model}' has no output '{name}'")
+        if array.dtype.kind not in "biuf" or array.dtype == BF16 or len(array) != rows * count:
+            return None
+        datatype = datatype_of(array, name)
+        head = f'{{"name":{_text(name)},"datatype":{_text(datatype)},"shape":'
+        head += _text([rows, *array.shape[1:]]) + ',"data":['
+        size = array.size // count
+        texts = _text(array.reshape(-1).tolist())[1:-1].split(",") if size else []
+        columns.append((head, texts, size))
+    start = f'{{"model_name":{_text(model)},"model_version":{_text(version)}'
+    answers = []
+    for i, request_id in enumerate(ids):
+        entries = [
+            head + ",".join(texts[i * size : (i + 1) * size]) + "]}"
+            for head, texts, size in columns
+        ]
+        named = f',"id":{_text(request_id)}' if request_id else ""
+        answers.append(f'{start}{named},"outputs":[{",".join(entries)}]}}'.encode())
+    return answers
+
+
+def _text(value: Any) -> str:
+    """json's compact text of a value, as dumps() writes it inside a document."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _deadline(parameters: dict) -> float | None:
