@@ -24,6 +24,7 @@ per decoder test (a tenth of it per end-to-end test).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import tracemalloc
@@ -570,63 +571,52 @@ def test_kserve_layout_takes_only_requests_the_full_decode_reads_alike(
         assert joined[name].tobytes() == array.tobytes()
 
 
-@fuzz(200)
+@fuzz(300)
 @given(
-    datatype=st.sampled_from([d for d in DTYPES if d != "BYTES"]),
-    count=st.integers(1, 4),
-    rows=st.integers(1, 3),
-    ids=st.lists(TEXT, min_size=4, max_size=4),
-    data=st.data(),
-)
-def test_kserve_answers_of_a_batch_encode_as_each_alone(
-    datatype: str, count: int, rows: int, ids: list[str], data: Any
-) -> None:
-    """encode_rows (one copy of each output for a batch) gives each request the bytes
-    encode() gives it from its own rows."""
-    tail = data.draw(st.lists(st.integers(0, 3), max_size=2))
-    outputs = {
-        "y": data.draw(arrays(DTYPES[datatype], [rows * count, *tail])),
-        "z": data.draw(arrays(DTYPES["INT32"], [rows * count])),
-    }
-    names = data.draw(st.sampled_from([[], ["z"], ["z", "y"]]))
-    answers = kserve_codec.encode_rows("m", ids[:count], rows, "3", outputs, names)
-    assert answers is not None
-    for i, answer in enumerate(answers):
-        request = wire.ModelInferRequest(model_name="m", id=ids[i])
-        own = {n: a[i * rows : (i + 1) * rows] for n, a in outputs.items()}
-        assert answer == kserve_codec.encode(request, "3", own, names)
-    bytes_out = {"y": np.array([b"a"] * rows * count, dtype=object)}
-    assert kserve_codec.encode_rows("m", ids[:count], rows, "3", bytes_out, []) is None
-
-
-@fuzz(200)
-@given(
+    codec=st.sampled_from(["kserve-proto", "kserve-json"]),
     datatype=st.sampled_from([d for d in DTYPES if d not in ("BYTES", "BF16")]),
     count=st.integers(1, 4),
     rows=st.integers(1, 3),
     ids=st.lists(TEXT, min_size=4, max_size=4),
     data=st.data(),
 )
-def test_kserve_rest_answers_of_a_batch_encode_as_each_alone(
-    datatype: str, count: int, rows: int, ids: list[str], data: Any
+def test_answers_of_a_batch_encode_as_each_alone(
+    codec: str, datatype: str, count: int, rows: int, ids: list[str], data: Any
 ) -> None:
-    """rest.encode_rows (each output written as JSON once for a batch, cut per request)
-    gives each request the bytes rest.encode() gives it, NaN and infinities included;
-    answers with binary data are left to encode()."""
+    """encode_rows, protobuf (one copy of each output for a batch) and JSON (each output
+    written once for the batch, cut per request), gives each request the bytes encode()
+    gives it from its own rows, NaN and infinities included; outputs it cannot cut
+    (BYTES; JSON's binary data) are left to encode()."""
     tail = data.draw(st.lists(st.integers(0, 3), max_size=2))
     outputs = {
         "y": data.draw(arrays(DTYPES[datatype], [rows * count, *tail])),
         "z": data.draw(arrays(DTYPES["BOOL"], [rows * count])),
     }
-    names = data.draw(st.sampled_from([{}, {"z": False}, {"z": False, "y": False}]))
-    wanted = (names, False, {}, {})
-    answers = kserve_rest.encode_rows("m", "3", ids[:count], rows, outputs, wanted)
+    names = data.draw(st.sampled_from([[], ["z"], ["z", "y"]]))
+    if codec == "kserve-proto":
+        batch = functools.partial(kserve_codec.encode_rows, "m", ids[:count], rows, "3")
+
+        def alone(i: int, own: Any, names: Any) -> bytes:
+            request = wire.ModelInferRequest(model_name="m", id=ids[i])
+            return kserve_codec.encode(request, "3", own, names)
+
+        wanted: Any = names
+        refused: list[tuple[Any, Any]] = [({"y": np.array([b"a"] * rows * count)}, [])]
+    else:
+        batch = functools.partial(kserve_rest.encode_rows, "m", "3", ids[:count], rows)
+
+        def alone(i: int, own: Any, wanted: Any) -> bytes:
+            return kserve_rest.encode("m", "3", ids[i], own, wanted)[0]
+
+        wanted = ({name: False for name in names}, False, {}, {})
+        refused = [(outputs, ({"y": True}, False, {}, {})), (outputs, ({}, True, {}, {}))]
+    answers = batch(outputs, wanted)
     assert answers is not None
     for i, answer in enumerate(answers):
         own = {n: a[i * rows : (i + 1) * rows] for n, a in outputs.items()}
-        assert answer == kserve_rest.encode("m", "3", ids[i], own, wanted)[0]
-    for binary in [({"y": True}, False, {}, {}), ({}, True, {}, {})]:
-        assert kserve_rest.encode_rows("m", "3", ids[:count], rows, outputs, binary) is None
+        assert answer == alone(i, own, wanted)
+    for other, how in refused:
+        assert batch(other, how) is None
 
 
 SCALARS = (
