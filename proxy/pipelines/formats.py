@@ -30,6 +30,11 @@ class Decoded(NamedTuple):
     raws: list | None = None  # a row's raw inputs (taken out of its message), or data lists
 
 
+def layout(kind: str) -> kserve.Layout | rest.Layout:
+    """What a pipeline remembers of its messages' layout, for decode's short path."""
+    return kserve.Layout() if kind == "kserve-proto" else rest.Layout()
+
+
 def _header_length(headers: list[tuple[str, bytes]]) -> str | None:
     for name, value in headers:
         if name.lower() == HEADER_LENGTH.lower():

@@ -28,13 +28,11 @@ from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from coalesce.codecs import kserve
 from coalesce.config import Pipeline
 from coalesce.core import batching
 from coalesce.core.request import InferRequest
 from coalesce.core.router import Backend, Router, StartupError
 from coalesce.errors import CoalesceError, ResourceExhausted
-from coalesce.frontends.kserve import rest
 
 from . import formats
 
@@ -201,7 +199,7 @@ class Runner:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._max_bytes = int(spec.max_in_flight_mb * (1 << 20))
-        self._layout = kserve.Layout() if spec.format == "kserve-proto" else rest.Layout()
+        self._layout = formats.layout(spec.format)
 
     @property
     def ready(self) -> bool:
@@ -344,9 +342,9 @@ class Runner:
         """Decode what is not yet decoded (the undecodable are dead letters) and cut the
         rest into chunks of at most one batch. Requests with parameters or a deadline
         travel alone: the batcher decides what they may share. Rows of one Known layout
-        (kserve-proto messages shaped as one that passed the checks) are chunked
-        together: each chunk's tensors are joined from their raw bytes at once and its
-        answers encoded together, 43 -> 23 us a message in-process (measured)."""
+        (messages shaped as one that passed the checks) are chunked together: each
+        chunk's tensors are joined at once and its answers encoded together
+        (kserve-proto: 43 -> 12-20 us a message in process, measured)."""
         route, kind, info = self.spec.route, self.spec.format, backend.info()
         batcher = backend.batcher
         capacity, max_queue = batcher.capacity(), batcher.max_queue
@@ -376,7 +374,7 @@ class Runner:
                 request is not None and (request.parameters or request.deadline is not None)
             ):
                 chunks.append([i])
-            else:  # rows of one Known layout batch together, and are known to
+            else:  # rows group by their Known layout (alike by it), the others by signature
                 key = this.known or batching.signature(request.inputs)  # type: ignore[union-attr]
                 groups.setdefault(key, []).append(i)
         for members in groups.values():
@@ -441,14 +439,12 @@ class Runner:
         if known is not None:  # the chunk's rows are all of this layout (_chunks)
             inputs = known.join([decoded[i].raws for i in chunk])  # type: ignore[misc]
             return InferRequest(inputs, known.rows * len(chunk), route=route)
-        if len(chunk) == 1:
-            request = decoded[chunk[0]].request
-            assert request is not None
-            request.route = route
-            return request
-        parts = [decoded[i].request for i in chunk]
-        inputs = {n: np.concatenate([p.inputs[n] for p in parts]) for n in parts[0].inputs}  # type: ignore[union-attr]
-        return InferRequest(inputs, sum(d.rows for d in map(decoded.get, chunk)), route=route)  # type: ignore[union-attr]
+        parts: list[InferRequest] = [decoded[i].request for i in chunk]  # type: ignore[misc]
+        if len(parts) == 1:  # not rows of a Known layout: each has its request
+            parts[0].route = route
+            return parts[0]
+        inputs = {n: np.concatenate([p.inputs[n] for p in parts]) for n in parts[0].inputs}
+        return InferRequest(inputs, sum(p.rows for p in parts), route=route)
 
     def _failed(
         self,
@@ -545,20 +541,24 @@ class _Settle:
             runner._failed(chunk, error, taken, out, self.retry, self.alone)
             return
         outputs, spec = future.result(), runner.spec
+        answers: list[tuple[bytes, list[tuple[str, bytes]]] | CoalesceError]
         try:  # a chunk of messages alike: their answers at once, else each alone
             alike = [decoded[i] for i in chunk]
             values = formats.encode_rows(spec.format, spec.route, self.version, alike, outputs)
         except CoalesceError as exc:
-            values = [exc] * len(chunk)
-        if values is None:
-            counts = [decoded[i].rows for i in chunk]
-            parts = batching.split(outputs, counts, self.backend.name)
-            values = [self._encode(i, part) for i, part in zip(chunk, parts, strict=True)]
-        for i, value in zip(chunk, values, strict=True):
-            if isinstance(value, CoalesceError):
-                out[i] = runner._dead(taken[i], value)
+            answers = [exc] * len(chunk)
+        else:
+            if values is None:
+                counts = [decoded[i].rows for i in chunk]
+                parts = batching.split(outputs, counts, self.backend.name)
+                answers = [self._encode(i, part) for i, part in zip(chunk, parts, strict=True)]
             else:
-                body, headers = value if isinstance(value, tuple) else (value, [])
+                answers = [(value, []) for value in values]
+        for i, answer in zip(chunk, answers, strict=True):
+            if isinstance(answer, CoalesceError):
+                out[i] = runner._dead(taken[i], answer)
+            else:
+                body, headers = answer
                 out[i] = Outgoing(taken[i], body, runner._headers(taken[i], headers, decoded[i]))
         if self.early:
             await runner._publish_early([o for i in chunk if (o := out[i]) is not None])
