@@ -253,6 +253,27 @@ def test_a_penalised_address_waits_before_it_is_answered(server):
     answers_promptly(server)
 
 
+def test_a_penalised_address_still_gets_a_well_behaved_exchange_through(server):
+    """However low its share, a connection from a penalised address is let make a few
+    SETTINGS changes and send one large header block in CONTINUATION frames: what
+    h2spec's own tests do, from the address its error tests penalised."""
+    source = attacker_address()
+    for _ in range(10):  # a share of 1/128 from now on
+        calm(server, h2.frame(h2.PING, 0, 0, bytes(8)), 1100, source=source)
+    with h2.Peer(server.port, source=source).handshake() as p:
+        for size in range(65536, 65541):  # five SETTINGS changes, each acknowledged
+            p.send(h2.settings((h2.INITIAL_WINDOW_SIZE, size)))
+            p.expect(lambda f: f.kind == h2.SETTINGS and f.flags & h2.ACK)
+        block = h2.request_block(CALL) + h2.literal(b"x-pad", b"p" * 6000)
+        cut = [block[i : i + 2000] for i in range(0, len(block), 2000)]
+        frames = h2.frame(h2.HEADERS, 0, 1, cut[0])
+        for i, part in enumerate(cut[1:], 2):
+            frames += h2.frame(h2.CONTINUATION, h2.END_HEADERS if i == len(cut) else 0, 1, part)
+        p.send(frames + h2.frame(h2.DATA, h2.END_STREAM, 1, h2.grpc_message()))
+        answer = p.expect(lambda f: f.kind == h2.GOAWAY or (f.stream == 1 and f.kind == h2.HEADERS))
+        assert answer.kind == h2.HEADERS, f"GOAWAY {answer.payload[8:]!r}"
+
+
 def test_what_a_held_connection_sends_is_read_once_it_is_let_in(server):
     """A held connection's first bytes (uvloop reads them even with reading paused) wait
     for it to be let in, and are answered then: not parsed meanwhile, not dropped."""

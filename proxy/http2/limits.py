@@ -45,11 +45,18 @@ class Budget:
     def earn(self, tokens: float) -> None:
         self.tokens = min(self.burst, self.tokens + tokens)
 
-    def scale(self, factor: float) -> None:
-        """Shrink burst and refill (a penalised peer's), keeping a couple of tokens so a
-        well-behaved exchange (a PING, a SETTINGS change) still fits."""
-        self.burst = self.tokens = max(self.burst * factor, min(self.burst, 2.0))
+    def scale(self, factor: float, least: float) -> None:
+        """Shrink burst and refill (a penalised peer's), keeping `least` tokens so that a
+        well-behaved exchange still fits."""
+        self.burst = self.tokens = max(self.burst * factor, min(self.burst, least))
         self.rate *= factor
+
+
+# What a penalised address's new connection keeps of each budget however low its
+# share: one well-behaved exchange (a few SETTINGS changes, one large header block
+# split over CONTINUATION frames, as h2spec's own tests send) still fits.
+LEAST = {"settings": 8.0, "header_bytes": float(16 << 10)}
+LEAST_DEFAULT = 2.0
 
 
 class Penalties:

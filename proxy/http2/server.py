@@ -32,7 +32,7 @@ from .endpoint import (
     Stream,
     frame,
 )
-from .limits import Limits, Penalties, ReceivePool
+from .limits import LEAST, LEAST_DEFAULT, Limits, Penalties, ReceivePool
 
 HELD_BYTES = 1 << 20  # a held connection's input kept for when it is let in; more: closed
 HAS_LENGTH = "content-length"  # check_fields' answer for a valid list with a content-length
@@ -138,8 +138,8 @@ class ServerConnection(Endpoint):
         if self.penalties is not None:  # before our SETTINGS: they say how many streams
             factor, hold = self.penalties.check(self.address)
             if factor < 1.0:
-                for budget in self.budgets.values():
-                    budget.scale(factor)
+                for kind, budget in self.budgets.items():
+                    budget.scale(factor, LEAST.get(kind, LEAST_DEFAULT))
                 floor = min(self.max_streams, 100)  # RFC 9113 6.5.2's recommended least
                 self.max_streams = max(int(self.max_streams * factor), floor)
         if hold:  # unread and unanswered meanwhile; its timeouts start once it is let in
