@@ -485,3 +485,49 @@ def test_kserve_proto_messages_are_answered_with_model_infer_responses(broker, c
     assert b"ModelInferRequest" in error["junk"]
     assert b"raw contents have 28 bytes" in error["short"], error["short"]
     assert b"'nope'" in error["no-such-output"], error["no-such-output"]
+
+
+def test_results_answered_while_some_are_produced_go_out_together_next(broker):
+    """as_ready hands results to the client's thread one hand-off at a time: those
+    answered meanwhile wait and go in the next, one, not a hand-off each (which made
+    the thread and the loop trade the GIL thousands of times a second). All of them
+    reach the outbox, once; the connector in process, the broker real."""
+    import asyncio
+    import threading
+
+    from coalesce.config import Pipeline
+    from coalesce.pipelines.kafka import KafkaConnector
+    from coalesce.pipelines.runner import Message, Outgoing
+
+    broker.create_topics("requests", "results", partitions=1)
+    spec = Pipeline.model_validate(pipeline_config(broker)["pipelines"]["scores"])
+    hand_offs = []
+
+    async def scenario() -> None:
+        connector = KafkaConnector("scores", spec)
+        send = connector._send
+        unsent = lambda items: sum(not item.sent for item in items)  # noqa: E731
+        connector._send = lambda items: (hand_offs.append(unsent(items)), send(items))[1]
+        await connector.start()
+        held = threading.Event()
+        connector._thread.submit(held.wait, 10)  # the thread busy, as with a big hand-off
+        out = [
+            Outgoing(Message(b"", b"k", [], "requests", 0, i), f"result {i}".encode(), [])
+            for i in range(50)
+        ]
+        for item in out:
+            await connector.publish([item])
+        held.set()
+        await asyncio.sleep(1)  # the cycle going on: the hand-offs run meanwhile
+        await connector.complete([item.source for item in out], out)
+        await connector.close()
+
+    asyncio.run(scenario())
+    assert hand_offs == [1, 49, 0], hand_offs  # the last: complete(), nothing left
+    consumer = reader(broker, "results", "check")
+    got = []
+    end = time.monotonic() + 30
+    while len(got) < 50 and time.monotonic() < end:
+        got += [r.value() for r in consumer.consume(100, 0.5) if r.error() is None]
+    consumer.close()
+    assert sorted(got) == sorted(f"result {i}".encode() for i in range(50))
