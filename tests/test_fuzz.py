@@ -525,6 +525,60 @@ def test_kserve_grpc_valid_tensors_decode_exactly(datatype: str, typed: bool, da
         assert decoded.tobytes() == array.tobytes()
 
 
+def _layout_template() -> Any:
+    """A request of the layout a caller sends again and again: two inputs, two outputs."""
+    template = wire.ModelInferRequest(model_name="m", model_version="2", id="first")
+    template.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    template.inputs.add(name="mask", datatype="BOOL", shape=[1, 3])
+    template.outputs.add(name="y")
+    template.outputs.add(name="z")
+    template.raw_input_contents.extend([bytes(16), bytes(3)])
+    return template
+
+
+@fuzz(300)
+@given(
+    request_id=TEXT,
+    raws=st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=3, max_size=3)),
+    edit=st.sampled_from(["none", "truncate", "cut", "insert", "change", "append"]),
+    data=st.data(),
+)
+def test_kserve_layout_reads_off_the_bytes_only_what_parsing_reads_alike(
+    request_id: str, raws: tuple[bytes, bytes], edit: str, data: Any
+) -> None:
+    """Known.take_value reads a serialized request of the known layout (a new id and
+    new raw inputs) off its bytes, and with any byte cut, inserted, changed or added
+    it gives either None (the parser's turn) or exactly what parsing and take give."""
+    template = _layout_template()
+    info = ModelInfo()
+    decoded = kserve_codec.decode(template, None)
+    names = kserve_codec.requested_outputs(template, info)
+    layout = kserve_codec.Layout()
+    layout.learn(template, decoded, info, names, None)
+    request = wire.ModelInferRequest()
+    request.CopyFrom(template)
+    request.id = request_id
+    del request.raw_input_contents[:]
+    request.raw_input_contents.extend(raws)
+    value = request.SerializeToString()
+    if edit == "none":
+        assert layout.known.take_value(value, info) == (request_id, list(raws))
+        return
+    at = data.draw(st.integers(0, len(value) - 1))
+    byte = bytes([data.draw(st.integers(0, 255))])
+    if edit == "truncate":
+        value = value[:at]
+    elif edit == "append":
+        value += data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        value = value[:at] + (b"" if edit == "cut" else byte) + value[at + (edit != "insert") :]
+    by_value = layout.known.take_value(value, info)
+    if by_value is not None:
+        parsed = wire.ModelInferRequest()
+        parsed.ParseFromString(value)
+        assert (parsed.id, layout.known.take(parsed, info)) == by_value
+
+
 @fuzz(300)
 @given(template=kserve_requests(), other=kserve_requests(), data=st.data())
 def test_kserve_layout_takes_only_requests_the_full_decode_reads_alike(

@@ -91,7 +91,17 @@ class Known:
     """A layout (inputs, their sizes, the outputs asked for) that passed every check,
     without parameters or shared memory: what Layout remembers."""
 
-    __slots__ = ("answer", "info", "rows", "sizes", "skeleton", "specs")
+    __slots__ = (
+        "answer",
+        "head",
+        "info",
+        "middle",
+        "raw_keys",
+        "rows",
+        "sizes",
+        "skeleton",
+        "specs",
+    )
 
     def __init__(self, message: Any, request: InferRequest, info: ModelInfo, answer) -> None:
         self.info, self.answer = info, answer
@@ -102,6 +112,14 @@ class Known:
         self.skeleton.CopyFrom(message)
         self.skeleton.ClearField("id")
         self.skeleton.ClearField("raw_input_contents")
+        # The skeleton's bytes around the id (field 3) as a serializer writes them, in
+        # field order: model_name and model_version, then inputs and outputs (Layout
+        # learns no request with parameters); then one raw_input_contents (7) each.
+        around = type(message)(model_name=message.model_name, model_version=message.model_version)
+        self.head = around.SerializeToString()
+        around = type(message)(inputs=message.inputs, outputs=message.outputs)
+        self.middle = around.SerializeToString()
+        self.raw_keys = [protowire.prefix(7, size) for size in self.sizes]
 
     def take(self, message: Any, info: ModelInfo) -> list[bytes] | None:
         """The raw inputs of a request of this layout, taken out of it, or None (the
@@ -120,6 +138,37 @@ class Known:
             message.raw_input_contents.extend(raws)
             return None
         return raws
+
+    def take_value(self, value: bytes, info: ModelInfo) -> tuple[str, list[bytes]] | None:
+        """(id, raw inputs) of a serialized request of this layout, read off its bytes
+        without parsing it, or None (parse it then): the bytes must be the skeleton's
+        exactly, around an id and the raw inputs of the known sizes. What another
+        serializer writes in another order, or anything more, is left to the parser.
+        A message value in a pipeline: 1.2 us instead of 5.5 to parse and take."""
+        if info is not self.info or not value.startswith(self.head):
+            return None
+        pos, end = len(self.head), len(value)
+        request_id = ""
+        if pos < end and value[pos] == 0x1A:  # the id, a string of < 128 bytes
+            size = value[pos + 1] if pos + 1 < end else 0x80
+            if size >= 0x80 or pos + 2 + size > end:
+                return None
+            try:
+                request_id = value[pos + 2 : pos + 2 + size].decode()
+            except UnicodeDecodeError:
+                return None  # the parser refuses it, with its message
+            pos += 2 + size
+        if not value.startswith(self.middle, pos):
+            return None
+        pos += len(self.middle)
+        raws = []
+        for key, size in zip(self.raw_keys, self.sizes, strict=True):
+            if not value.startswith(key, pos):
+                return None
+            pos += len(key)
+            raws.append(value[pos : pos + size])
+            pos += size
+        return (request_id, raws) if pos == end else None
 
     def join(self, raws: Sequence[list[bytes]]) -> Tensors:
         """The inputs of several requests of this layout (their `take`n raw inputs) as
