@@ -476,9 +476,11 @@ class LocalBackend(_PythonModel):
     threads: int | None = Field(
         None, ge=1, description="Threads running a blocking model; default max_in_flight."
     )
-    inline: bool = Field(
-        False,
-        description="Call the model on the event loop: only for models that take microseconds.",
+    inline: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: a blocking model is called on the event loop while its calls take "
+        "under 0.3 ms (a moving average; a thread's hand-off costs more), else in threads. "
+        "true: always on the loop; false: always in threads.",
     )
 
 

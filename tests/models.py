@@ -156,3 +156,24 @@ def blas_threads():
         return {"y": np.full((len(x), 1), count, dtype=np.int32), "z": x @ x.T[:, :1]}
 
     return call
+
+
+class ThreadNoting:
+    """Notes the thread that runs each call; from call `slow_after` on, each call
+    sleeps `sleep_s` (a model that turns slow, or one that waits on I/O from the start)."""
+
+    def __init__(self, sleep_s: float = 0.0, slow_after: int = 0) -> None:
+        self.sleep_s, self.slow_after = sleep_s, slow_after
+        self.threads: list[str] = []
+
+    def __call__(self, inputs):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if self.sleep_s and len(self.threads) > self.slow_after:
+            time.sleep(self.sleep_s)
+        return {"y": inputs["x"]}
+
+
+def thread_noting(sleep_s: float = 0.0, slow_after: int = 0) -> ThreadNoting:
+    return ThreadNoting(sleep_s, slow_after)
