@@ -288,8 +288,12 @@ def test_a_request_shaped_as_the_last_one_still_gets_every_check(channel):
         return np.frombuffer(raw, np.float32).reshape(rows, 4)
 
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    for _ in range(3):  # the layout is known
-        np.testing.assert_array_equal(y_of(raw_infer(channel, request(x)), 1), 2 * x + 1)
+    for i in range(3):  # the layout is known: later ones are read off their bytes
+        message = request(x + i)
+        message.id = f"again-{i}"
+        answer = raw_infer(channel, message)
+        assert answer.id == f"again-{i}"
+        np.testing.assert_array_equal(y_of(answer, 1), 2 * (x + i) + 1)
     for bad, message in [
         (request(x, cut=4), "raw contents have 12 bytes"),
         (request(x, outputs=["q"]), "outputs: 'q' is not an output of model 'affine'"),

@@ -7,7 +7,7 @@ views of the request bytes; answers are encoded by hand (see protowire).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from coalesce.core.request import InferRequest, ModelInfo, Tensors
@@ -85,6 +85,13 @@ def decode(request, deadline: float | None, shared: Shared | None = None) -> Inf
     if request.parameters:
         decoded.parameters = _parameters(request.parameters)
     return decoded
+
+
+class Named(NamedTuple):
+    """What encode() reads of its request, for a request never parsed."""
+
+    model_name: str
+    id: str
 
 
 class Known:
@@ -209,6 +216,24 @@ class Layout:
         }
         request = InferRequest(inputs, known.rows, deadline, message.id, route=message.model_name)
         return (request, *known.answer)
+
+    def decode_value(
+        self, value: bytes, info: ModelInfo, deadline: float | None
+    ) -> tuple[InferRequest, list[str], Classes | None, Named] | None:
+        """As decode, for a request still in its bytes (Known.take_value), or None (parse
+        it then); the last: what encode() reads of the request."""
+        known = self.known
+        taken = None if known is None else known.take_value(value, info)
+        if taken is None:
+            return None
+        request_id, raws = taken
+        inputs = {
+            name: np.frombuffer(r, dtype).reshape(shape)
+            for (name, dtype, shape), r in zip(known.specs, raws, strict=True)
+        }
+        model = known.skeleton.model_name
+        request = InferRequest(inputs, known.rows, deadline, request_id, route=model)
+        return (request, *known.answer, Named(model, request_id))
 
     def learn(
         self,

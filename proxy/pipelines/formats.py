@@ -30,13 +30,6 @@ class Decoded(NamedTuple):
     raws: list | None = None  # a row's raw inputs (taken out of its message), or data lists
 
 
-class Named(NamedTuple):
-    """What kserve.encode reads of its request, for a message never parsed."""
-
-    model_name: str
-    id: str
-
-
 def layout(kind: str) -> kserve.Layout | rest.Layout:
     """What a pipeline remembers of its messages' layout, for decode's short path."""
     return kserve.Layout() if kind == "kserve-proto" else rest.Layout()
@@ -74,7 +67,7 @@ def decode(
     known = None if layout is None else layout.known
     if known is not None and (taken := known.take_value(value, info)) is not None:
         request_id, raws = taken
-        named = Named(known.skeleton.model_name, request_id)
+        named = kserve.Named(known.skeleton.model_name, request_id)
         return Decoded(None, (named, *known.answer), request_id, known.rows, known, raws)
     message = wire.ModelInferRequest()
     try:

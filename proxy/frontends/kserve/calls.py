@@ -10,6 +10,7 @@ import grpc
 from coalesce.codecs.kserve import (
     Classes,
     Layout,
+    Named,
     Placement,
     classify,
     decode,
@@ -49,6 +50,42 @@ class Call(NamedTuple):
             return encode(message, self.version, outputs, self.names)
         write = self.shared.write  # type: ignore[union-attr]
         return encode(message, self.version, outputs, self.names, self.placed, write)
+
+
+def prepare_value(
+    router: Router,
+    value: bytes,
+    context: grpc.aio.ServicerContext,
+    now: Callable[[], float],
+    layouts: dict[str, Layout],
+) -> tuple[Call, Named] | None:
+    """A serialized ModelInferRequest of a model's Known layout, routed, admitted and
+    decoded off its bytes without parsing it (Known.take_value), or None: parse it and
+    prepare() then. Also what its answer's encode() reads of it."""
+    for layout in layouts.values():  # routed model names only: a few
+        known = layout.known
+        if known is None or not value.startswith(known.head):
+            continue
+        model, version = known.skeleton.model_name, known.skeleton.model_version
+        backend = router.get(model, version)
+        metadata: tuple = ()
+        if version or model not in router.plain:
+            route = access.route_of(router, model, version)
+            metadata = access.admit(
+                router, route, access.GrpcCaller(context), access.request_bytes()
+            )
+        info = backend.info()
+        left = context.time_remaining()
+        decoded = layout.decode_value(value, info, None if left is None else now() + left)
+        if decoded is None:
+            return None
+        request, names, classes, named = decoded
+        request.metadata = metadata
+        if router.tracer is not None:
+            request.trace = carrier_of(context.invocation_metadata() or ())
+        call = Call(backend, request, names, version or info.versions[0], None, None, classes)
+        return call, named
+    return None
 
 
 def prepare(

@@ -18,9 +18,13 @@ from coalesce.errors import CoalesceError, NotFound, abort, grpc_status
 from coalesce.version import __version__
 
 from . import triton_api
-from .calls import Call, prepare
+from .calls import Call, prepare, prepare_value
 from .shared_memory import SharedMemory
 from .stream import StreamSession
+
+
+def _as_is(value: bytes) -> bytes:
+    return value
 
 
 def _tensor_metadata(specs):
@@ -36,17 +40,25 @@ class KServeService:
         self.shared = shared
         self._time = asyncio.get_running_loop().time
         self._layouts: dict[str, Layout] = {}  # routed model names only: bounded
+        self._parse = wire.parser(wire.ModelInferRequest)
 
     def prepare(self, request, context: grpc.aio.ServicerContext) -> Call:
         """Route and decode one ModelInferRequest (raising a CoalesceError if it is bad)."""
         return prepare(self.router, request, context, self._time, self.shared, self._layouts)
 
-    async def ModelInfer(self, request, context: grpc.aio.ServicerContext) -> bytes:
+    async def ModelInfer(self, value: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # grpc_status's wrapping inlined: this is the hottest coroutine of all
         try:
-            if isinstance(request, CoalesceError):  # bytes that were no message (wire.parser)
-                raise request
-            call = prepare(self.router, request, context, self._time, self.shared, self._layouts)
+            prepared = prepare_value(self.router, value, context, self._time, self._layouts)
+            if prepared is None:
+                request = self._parse(value)
+                if isinstance(request, CoalesceError):  # bytes that were no message
+                    raise request
+                call = prepare(
+                    self.router, request, context, self._time, self.shared, self._layouts
+                )
+            else:
+                call, request = prepared
             outputs = await call.backend.infer(call.request)
             return call.answer(request, outputs)
         except Exception as exc:
@@ -161,9 +173,11 @@ class KServeService:
             message = method.replace("SystemSharedMemory", "Shm")
             request = getattr(wire, f"{message}Request")
             response = getattr(wire, f"{message}Response")
+            # ModelInfer takes its bytes: one of a known layout is read without parsing
+            parse = _as_is if method == "ModelInfer" else wire.parser(request)
             methods[method] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method),
-                request_deserializer=access.sized(wire.parser(request)),
+                request_deserializer=access.sized(parse),
                 # ModelInfer answers are serialized by encode() already
                 response_serializer=None if method == "ModelInfer" else response.SerializeToString,
             )
