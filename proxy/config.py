@@ -762,7 +762,9 @@ class Http2(_Strict):
         ge=0,
         description="A connection we close for misbehaving (a budget spent, a protocol "
         "error) halves every budget and the stream cap of the next connections from its IP "
-        "address (down to 1/128 of each budget, 100 streams) and holds each, unread, "
+        "address (down to 1/128 of each budget, keeping what one well-behaved exchange "
+        "needs: 8 SETTINGS, 16 KiB of large header blocks, 2 of the rest; 100 streams) and "
+        "holds each, unread, "
         "2^strikes ms (at most 1 s) before it is answered; the penalty halves every "
         "this many seconds. Connections already open keep theirs. So a "
         "peer cannot refill its budgets by reconnecting. 0: off (budgets per connection "
