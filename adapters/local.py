@@ -39,7 +39,7 @@ class LocalAdapter:
         self._is_async = False
         self._pool: ThreadPoolExecutor | None = None
         self._info = ModelInfo()
-        self._cost = float("inf")  # CPU seconds a call, moving average (inline: auto)
+        self._cost = float("inf")  # seconds a call, moving average (inline: auto)
 
     async def load(self) -> None:
         self._model = import_string(self.config.model)(**self.config.args)

@@ -177,6 +177,13 @@ class Known:
             pos += size
         return (request_id, raws) if pos == end else None
 
+    def views(self, raws: list[bytes]) -> Tensors:
+        """One request's tensors: views of its raw inputs."""
+        return {
+            name: np.frombuffer(r, dtype).reshape(shape)
+            for (name, dtype, shape), r in zip(self.specs, raws, strict=True)
+        }
+
     def join(self, raws: Sequence[list[bytes]]) -> Tensors:
         """The inputs of several requests of this layout (their `take`n raw inputs) as
         one batch: one copy of the bytes, no per-request arrays."""
@@ -210,10 +217,7 @@ class Layout:
         raws = None if known is None else known.take(message, info)
         if raws is None:
             return None
-        inputs = {
-            name: np.frombuffer(r, dtype).reshape(shape)
-            for (name, dtype, shape), r in zip(known.specs, raws, strict=True)
-        }
+        inputs = known.views(raws)
         request = InferRequest(inputs, known.rows, deadline, message.id, route=message.model_name)
         return (request, *known.answer)
 
@@ -227,12 +231,8 @@ class Layout:
         if taken is None:
             return None
         request_id, raws = taken
-        inputs = {
-            name: np.frombuffer(r, dtype).reshape(shape)
-            for (name, dtype, shape), r in zip(known.specs, raws, strict=True)
-        }
         model = known.skeleton.model_name
-        request = InferRequest(inputs, known.rows, deadline, request_id, route=model)
+        request = InferRequest(known.views(raws), known.rows, deadline, request_id, route=model)
         return (request, *known.answer, Named(model, request_id))
 
     def learn(

@@ -52,6 +52,29 @@ class Call(NamedTuple):
         return encode(message, self.version, outputs, self.names, self.placed, write)
 
 
+def _admitted(router: Router, model: str, version: str, context) -> tuple[Backend, tuple]:
+    """The backend a call to (model, version) goes to, once the caller is admitted; and
+    the request metadata forwarded to it."""
+    backend = router.get(model, version)
+    metadata: tuple = ()
+    if version or model not in router.plain:
+        route = access.route_of(router, model, version)
+        metadata = access.admit(router, route, access.GrpcCaller(context), access.request_bytes())
+    return backend, metadata
+
+
+def _deadline(context, now: Callable[[], float]) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else now() + left
+
+
+def _carried(request: InferRequest, router: Router, context, metadata: tuple) -> InferRequest:
+    request.metadata = metadata
+    if router.tracer is not None:
+        request.trace = carrier_of(context.invocation_metadata() or ())
+    return request
+
+
 def prepare_value(
     router: Router,
     value: bytes,
@@ -67,22 +90,13 @@ def prepare_value(
         if known is None or not value.startswith(known.head):
             continue
         model, version = known.skeleton.model_name, known.skeleton.model_version
-        backend = router.get(model, version)
-        metadata: tuple = ()
-        if version or model not in router.plain:
-            route = access.route_of(router, model, version)
-            metadata = access.admit(
-                router, route, access.GrpcCaller(context), access.request_bytes()
-            )
+        backend, metadata = _admitted(router, model, version, context)
         info = backend.info()
-        left = context.time_remaining()
-        decoded = layout.decode_value(value, info, None if left is None else now() + left)
+        decoded = layout.decode_value(value, info, _deadline(context, now))
         if decoded is None:
             return None
         request, names, classes, named = decoded
-        request.metadata = metadata
-        if router.tracer is not None:
-            request.trace = carrier_of(context.invocation_metadata() or ())
+        request = _carried(request, router, context, metadata)
         call = Call(backend, request, names, version or info.versions[0], None, None, classes)
         return call, named
     return None
@@ -100,15 +114,9 @@ def prepare(
 
     `layouts` (model name -> its last request's Layout) lets a request shaped as the
     last one skip the checks that one passed."""
-    backend = router.get(request.model_name, request.model_version)
-    metadata: tuple = ()
-    if request.model_version or request.model_name not in router.plain:
-        route = access.route_of(router, request.model_name, request.model_version)
-        caller = access.GrpcCaller(context)
-        metadata = access.admit(router, route, caller, access.request_bytes())
+    backend, metadata = _admitted(router, request.model_name, request.model_version, context)
     info = backend.info()
-    left = context.time_remaining()
-    deadline = None if left is None else now() + left
+    deadline = _deadline(context, now)
     version = request.model_version or info.versions[0]
     layout = None if layouts is None else layouts.get(request.model_name)
     known = None if layout is None else layout.decode(request, info, deadline)
@@ -127,7 +135,12 @@ def prepare(
             if layout is None:
                 layout = layouts[request.model_name] = Layout()
             layout.learn(request, decoded, info, names, classes)
-    decoded.metadata = metadata
-    if router.tracer is not None:
-        decoded.trace = carrier_of(context.invocation_metadata() or ())
-    return Call(backend, decoded, names, version, placed, shared, classes)
+    return Call(
+        backend,
+        _carried(decoded, router, context, metadata),
+        names,
+        version,
+        placed,
+        shared,
+        classes,
+    )
