@@ -11,6 +11,8 @@ the bench MLP (benchmarks/bench_model.py), a `local` backend, as a KServe v2 JSO
 body or a serialized ModelInferRequest (kserve-proto). Rows:
 
 1. broker ceiling: produce N messages with librdkafka, and consume them, no model;
+   and a relay, the bound on any pipeline: consume each and produce it to an outbox,
+   no model, timed as Coalesce's rows are;
 2. Coalesce, at_least_once and exactly_once (noida-db only), each format: a backlog of
    N messages in the inbox, then Coalesce starts (`--workers` serving processes, one
    consumer each in one group); timed from its first result's CreateTime to its
@@ -259,6 +261,35 @@ def _published_when(proxy: Process, count: int) -> None:
     raise RuntimeError(f"the pipeline did not publish {count} results in time")
 
 
+def relay(broker: Broker, tag: str, values: list[bytes]) -> dict:
+    """The bound on any pipeline here: each inbox message produced to an outbox as it is,
+    no model and no decoding (librdkafka in batches, offsets committed asynchronously).
+    Timed as Coalesce's rows are, by the outputs' CreateTime."""
+    inbox, outbox = f"in-{tag}", f"out-{tag}"
+    broker.create_topics(inbox, outbox)
+    produce(broker, inbox, values)
+    c = consumer(broker, inbox, tag)
+    p = Producer({"bootstrap.servers": broker.address, "linger.ms": 1})
+    done = 0
+    while done < len(values):
+        taken = [r for r in c.consume(5000, 0.1) if r.error() is None]
+        for record in taken:
+            while True:
+                try:
+                    p.produce(outbox, record.value(), record.key())
+                    break
+                except BufferError:
+                    p.poll(0.01)
+        p.poll(0)
+        if taken:
+            c.commit(taken[-1], asynchronous=True)
+        done += len(taken)
+    p.flush(60)
+    c.close()
+    drained = drain(broker, outbox, len(values), None, f"check-{tag}")
+    return {"msgs_per_s": drained.rate(len(values)), "wrong": drained.wrong}
+
+
 def naive(broker: Broker, tag: str, values, expected) -> dict:
     """One message at a time, what a team writes first, on the same backlog: from its
     first message to its last result delivered; checked afterwards."""
@@ -333,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="coalesce-bench-") as tmp:
             report["ceiling"] = ceiling(broker, values)
+            report["relay"] = relay(broker, "relay", proto)
             tmp_path = Path(tmp)
             runs: dict[str, list[dict]] = {row: [] for row in (*rows, "naive")}
             n = args.naive_messages
@@ -371,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| broker ceiling: consume | {c['consume_msgs_per_s']:,.0f} | 1 | — | 1.00x "
         f"| {c['missing']} |"
     )
+    relay_rate = report["relay"]["msgs_per_s"]
+    print(
+        f"| broker ceiling: relay (consume + produce, no model) | {relay_rate:,.0f} | 1 "
+        f"| {relay_rate / naive_rate:.1f}x | {relay_rate / c['consume_msgs_per_s']:.2f}x "
+        f"| {report['relay']['wrong']} |"
+    )
     for key in (*rows, "naive"):
         r = report[key]
         print(
@@ -389,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"pipelines-{args.broker}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
-    wrong = sum(report[k]["wrong"] for k in (*rows, "naive", "light"))
+    wrong = sum(report[k]["wrong"] for k in (*rows, "naive", "light", "relay"))
     return 1 if wrong else 0
 
 

@@ -152,7 +152,12 @@ def test_every_message_gets_its_own_result_and_grpc_callers_share_the_batcher(
     assert prometheus(proxy, 'coalesce_pipeline_ready{pipeline="scores"}') == 1
     batches, rows_in_batches = batch_totals(proxy, "affine")
     assert rows_in_batches == len(values) + len(grpc_answers)  # one batcher served both
-    assert rows_in_batches / batches > 3, "messages that queued together share batches"
+    # Each gRPC call may have gone alone (the caller waits for each answer, and the
+    # model is instant): counting every one as a batch of its own, the pipeline's
+    # messages still took under a third as many backend calls as messages.
+    assert batches - len(grpc_answers) < len(values) / 3, (
+        "messages that queued together share batches"
+    )
 
 
 def test_a_second_kafka_implementation_gets_every_result_too(coalesce_process):
