@@ -339,6 +339,9 @@ class Endpoint(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._blocked.clear()
         self._out = None
+        # The decoder's check is our bound method: a cycle that kept every closed
+        # connection (its TLS objects and buffers too) until a full collection.
+        self.decoder.check = None
         pool = self.pool
         if pool is not None:  # what this connection was lent goes back
             pool.waiting.discard(self)

@@ -10,6 +10,7 @@ rules live in coalesce.http2.grpc_server.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import re
 import socket
 import ssl
@@ -373,6 +374,26 @@ NOT_STRIKES = frozenset({NO_ERROR, INTERNAL_ERROR, SETTINGS_TIMEOUT})
 quiet (its cost is a timer, not our loop's time)."""
 
 
+TRIM_AFTER_CLOSES = 16
+"""Once this many connections have closed, the sweep gives the C heap's free pages back
+to the system (glibc's malloc_trim, 0.2-1 ms, 8.6 at most, measured). Otherwise a
+flood of short TLS connections leaves RSS where it peaked: what OpenSSL freed stays
+in the heap. Attack benchmark, TLS, RSS MiB baseline / after: rapid-reset 79 / 86 ->
+79, malformed 79 / 86 -> 80, idle 79 / 141 -> 89."""
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _libc_trim()
+
+
 class _Refused(asyncio.Protocol):
     """A connection over max_connections: closed as soon as it is accepted."""
 
@@ -391,6 +412,7 @@ class Listener:
         self.penalties = Penalties(limits.penalty_half_life_s)
         self.connections: set[ServerConnection] = set()
         self.refused = 0
+        self._closes = 0  # connections closed since memory was last given back
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._identify: Callable | None = None
@@ -427,18 +449,25 @@ class Listener:
             self.refused += 1
             return _Refused()
         connection = ServerConnection(
-            self.app, self.max_body, self.connections.discard, self.limits, self.pool, self.backlog
+            self.app, self.max_body, self._closed, self.limits, self.pool, self.backlog
         )
         connection.identify = self._identify
         connection.penalties = self.penalties
         self.connections.add(connection)
         return connection
 
+    def _closed(self, connection: ServerConnection) -> None:
+        self.connections.discard(connection)
+        self._closes += 1
+
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for connection in list(self.connections):
             connection.sweep(now)
+        if self._closes >= TRIM_AFTER_CLOSES and _malloc_trim is not None:
+            self._closes = 0
+            _malloc_trim(0)
         self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def stop(self, grace: float) -> None:
