@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as aio
 from coalesce import config as config_module
+from coalesce.codecs import wire
 from coalesce.config import ConfigError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -69,6 +70,41 @@ async def test_messages_far_beyond_every_flow_control_window_go_both_ways():
                 return client.infer("echo", inputs(x=x), client_timeout=60).as_numpy("x")
 
         np.testing.assert_array_equal(await in_thread(call), x)
+
+
+async def test_a_message_in_frames_of_every_size_arrives_whole():
+    """DATA frames of 1, 2, 3... bytes: the length prefix split between frames, the
+    body kept in pieces (Stream.parts) and joined once complete."""
+    x = np.arange(3000, dtype=np.float32).reshape(1, 3000)
+    request = wire.ModelInferRequest(model_name="echo", id="pieces")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 3000])
+    request.raw_input_contents.append(x.tobytes())
+    message = h2.grpc_message(request.SerializeToString())
+    async with running(CONFIG) as server:
+
+        def call() -> list[h2.Frame]:
+            with h2.Peer(server.port).handshake() as peer:
+                block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
+                out = [h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block)]
+                at, size = 0, 1
+                while at < len(message):
+                    piece = message[at : at + size]
+                    at += size
+                    end = h2.END_STREAM if at >= len(message) else 0
+                    out.append(h2.frame(h2.DATA, end, 1, piece))
+                    size = size + 1 if size < 64 else 4096
+                peer.send(b"".join(out))
+                frames = []
+                while not frames or not frames[-1].flags & h2.END_STREAM:
+                    frames.append(peer.expect(lambda f: f.stream == 1))
+                return frames
+
+        frames = await in_thread(call)
+    assert h2.grpc_status(frames) == "0"
+    body = b"".join(f.payload for f in frames if f.kind == h2.DATA)
+    answer = wire.ModelInferResponse.FromString(body[5:])
+    assert answer.id == "pieces"
+    np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], np.float32), x[0])
 
 
 async def test_a_message_over_max_message_mb_is_resource_exhausted_and_serving_goes_on():

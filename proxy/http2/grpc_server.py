@@ -272,14 +272,13 @@ class GrpcApp:
                 f"request message larger than max ({self.max_message} bytes)",
             )
             return
-        body = stream.body
+        body = stream.whole()
         if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
             self._fail(
                 stream, connection, grpc.StatusCode.INTERNAL, "the request is not one gRPC message"
             )
             return
-        stream.body = bytearray()
-        connection.ready.append((stream, bytes(body[5:]), body[0]))  # started by start()
+        connection.ready.append((stream, body[5:], body[0]))  # started by start()
 
     def start(self, connection: ServerConnection, stream: Stream, message: bytes, flag: int):
         """A unary call whose request the parser has passed (ServerConnection.start_ready)."""

@@ -243,7 +243,7 @@ class ServerConnection(Endpoint):
         if (
             not stream.too_big
             and (
-                len(body) > self.max_body
+                stream.size > self.max_body
                 # a gRPC message's length prefix: refused before its bytes are waited for
                 or (
                     stream.framed
@@ -253,7 +253,7 @@ class ServerConnection(Endpoint):
             )
         ):
             stream.too_big = True  # answered at once (RESOURCE_EXHAUSTED); no bytes kept
-            stream.body = bytearray()
+            stream.whole()
             self.release(stream)
             self.app.request(self, stream)
             stream.ended = stream.ended or end
@@ -270,7 +270,7 @@ class ServerConnection(Endpoint):
             return
         if stream.too_big or stream.task is not None or stream.sent or stream.closing:
             return
-        if stream.expected >= 0 and stream.expected != len(stream.body):
+        if stream.expected >= 0 and stream.expected != stream.size:
             self.stream_error(stream, PROTOCOL_ERROR)  # content-length mismatch (8.1.1)
             return
         self.release(stream)
