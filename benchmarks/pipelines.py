@@ -74,14 +74,19 @@ def produce(broker: Broker, topic: str, values: list[bytes], rate: float | None 
             if wait > 0:
                 time.sleep(wait)
         headers = [("sent", repr(time.time()).encode())]
-        while True:
-            try:
-                producer.produce(topic, value, str(i).encode(), headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.01)
+        send(producer, topic, value, str(i).encode(), headers)
         producer.poll(0)
     producer.flush(60)
+
+
+def send(producer: Producer, topic: str, value: bytes, key: bytes | None, headers=None) -> None:
+    """One record, waiting for room in the client's queue when it is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers)
+            return
+        except BufferError:
+            producer.poll(0.01)
 
 
 def consumer(broker: Broker, topic: str, group: str) -> Consumer:
@@ -274,12 +279,7 @@ def relay(broker: Broker, tag: str, values: list[bytes]) -> dict:
     while done < len(values):
         taken = [r for r in c.consume(5000, 0.1) if r.error() is None]
         for record in taken:
-            while True:
-                try:
-                    p.produce(outbox, record.value(), record.key())
-                    break
-                except BufferError:
-                    p.poll(0.01)
+            send(p, outbox, record.value(), record.key())
         p.poll(0)
         if taken:
             c.commit(taken[-1], asynchronous=True)

@@ -101,7 +101,7 @@ class Stream:
         self.headers: list[tuple[str, str]] | None = None
         self.body = bytearray()  # the body's first HEAD bytes at least; the rest in `parts`
         self.parts: list[bytes] = []  # server side, a whole body wanted (see _data)
-        self.size = 0  # bytes of body kept so far
+        self.size = 0  # bytes kept of a body wanted whole (body and parts)
         self.held = 0  # body bytes not yet handed on: lent from the connection's window
         self.received = 0  # bytes since our last WINDOW_UPDATE for this stream
         self.recv_window = recv_window  # what the peer may still send on it

@@ -475,8 +475,7 @@ class Runner:
     ) -> list[tuple[str, bytes]]:
         """The request's own headers (for correlation), plus where it came from."""
         kept = [h for h in message.headers if len(h[0]) != _SIZE or h[0].lower() != _LENGTH]
-        if extra:
-            kept += extra
+        kept += extra
         kept.append(("coalesce-source", message.coordinates.encode()))
         if decoded.id:
             kept.append(("coalesce-request-id", decoded.id.encode()))

@@ -52,15 +52,13 @@ class Call(NamedTuple):
         return encode(message, self.version, outputs, self.names, self.placed, write)
 
 
-def _admitted(router: Router, model: str, version: str, context) -> tuple[Backend, tuple]:
-    """The backend a call to (model, version) goes to, once the caller is admitted; and
-    the request metadata forwarded to it."""
-    backend = router.get(model, version)
-    metadata: tuple = ()
+def _admitted(router: Router, model: str, version: str, context) -> tuple:
+    """The request metadata forwarded to (model, version)'s backend, once the caller is
+    admitted to its route."""
     if version or model not in router.plain:
         route = access.route_of(router, model, version)
-        metadata = access.admit(router, route, access.GrpcCaller(context), access.request_bytes())
-    return backend, metadata
+        return access.admit(router, route, access.GrpcCaller(context), access.request_bytes())
+    return ()
 
 
 def _deadline(context, now: Callable[[], float]) -> float | None:
@@ -90,12 +88,13 @@ def prepare_value(
         if known is None or not value.startswith(known.head):
             continue
         model, version = known.skeleton.model_name, known.skeleton.model_version
-        backend, metadata = _admitted(router, model, version, context)
+        backend = router.get(model, version)
         info = backend.info()
         decoded = layout.decode_value(value, info, _deadline(context, now))
-        if decoded is None:
+        if decoded is None:  # parsed then, and admitted once, by prepare()
             return None
         request, names, classes, named = decoded
+        metadata = _admitted(router, model, version, context)
         request = _carried(request, router, context, metadata)
         call = Call(backend, request, names, version or info.versions[0], None, None, classes)
         return call, named
@@ -114,7 +113,8 @@ def prepare(
 
     `layouts` (model name -> its last request's Layout) lets a request shaped as the
     last one skip the checks that one passed."""
-    backend, metadata = _admitted(router, request.model_name, request.model_version, context)
+    backend = router.get(request.model_name, request.model_version)
+    metadata = _admitted(router, request.model_name, request.model_version, context)
     info = backend.info()
     deadline = _deadline(context, now)
     version = request.model_version or info.versions[0]
