@@ -300,6 +300,37 @@ def test_exactly_once_through_a_kill_9_mid_stream(broker, coalesce_process):
     print(f"\nrecords written {everything}, committed {len(results)}")
 
 
+def test_at_least_once_through_a_kill_9_loses_nothing_and_duplicates_say_so(
+    broker, coalesce_process
+):
+    """Offsets commit without waiting, after their results are delivered: a `kill -9`
+    mid-stream leaves some results published but not committed. The restarted
+    instance answers them again; every request has a result, and each duplicate names
+    the same input coordinates as its first copy."""
+    broker.create_topics("requests", "results", "rejected")
+    config = slow_affine(pipeline_config(broker, max_in_flight=200))
+    config["pipelines"]["scores"]["source"]["instance_id"] = "scores-0"
+    values, x_of = messages(4000)
+    first = coalesce_process(config)
+    produce(broker, values)
+    deadline = time.monotonic() + 60
+    while readyz(first)["pipelines"]["scores"]["published"] < 1000:
+        assert time.monotonic() < deadline, "the pipeline does not move"
+        time.sleep(0.05)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = coalesce_process(config)
+    results = read_every(broker, "results", x_of)
+    source: dict[str, bytes] = {}
+    for record in results:
+        key = check_result(record, x_of)
+        where = dict(record.headers())["coalesce-source"]
+        assert source.setdefault(key, where) == where, f"{key}: a duplicate from elsewhere"
+    assert sorted(source) == sorted(x_of), "every request answered"
+    assert readyz(second)["pipelines"]["scores"]["consumed"] < len(values), "resumed, not redone"
+    print(f"\nresults {len(results)} for {len(values)} requests")
+
+
 def read_uncommitted(broker: Broker, topic: str) -> int:
     """How many records the topic holds, aborted ones included."""
     consumer = reader(broker, topic, "uncommitted", "read_uncommitted")
