@@ -460,3 +460,21 @@ def test_a_flood_of_bad_connections_is_a_few_log_lines(server):
             p.goaway()
     lines = server.output()[start:].count("closing an HTTP/2 connection")
     assert 1 <= lines <= 2
+
+
+@pytest.fixture(scope="module")
+def stingy(tmp_path_factory):
+    """A PING budget of 20, refilled at 1 a second: what a peer earns is what counts."""
+    process = serve(tmp_path_factory, "stingy", {"ping_rate": [20, 1]})
+    yield process
+    process.terminate()
+
+
+def test_each_answer_earns_its_peer_a_ping(stingy):
+    """60 calls, each followed by a PING, go through a budget of 20: the answers earned
+    the rest. The same 60 PINGs with no calls cost the connection."""
+    with h2.Peer(stingy.port).handshake() as p:
+        for i in range(60):
+            assert h2.grpc_status(p.call(2 * i + 1)) == "0"
+            assert p.ping(struct.pack(">Q", i)) < 1.0
+    calm(stingy, h2.frame(h2.PING, 0, 0, b"pingpong"), 60)

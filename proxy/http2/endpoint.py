@@ -24,7 +24,7 @@ from typing import Any
 from coalesce.telemetry.logs import RateLimited
 
 from .hpack import MAX_CACHED_BLOCK, Decoder, HeaderListTooLarge, HpackError
-from .limits import Budget, Limits, ReceivePool
+from .limits import Budget, Earnings, Limits, ReceivePool
 
 log = logging.getLogger("coalesce")
 _log = RateLimited(log)  # a flood of bad connections is one line every few seconds
@@ -47,6 +47,17 @@ DEFAULT_WINDOW = 65535
 # stream and a connection update for most messages it reads: 2.25 per DATA frame was
 # measured under perf_analyzer --streaming, which a budget of 2 cut off.
 WINDOW_UPDATES_PER_DATA = 10.0
+# What the peer earns (Earnings) per answer, per write of DATA or trailers, per stream
+# opened. Each answer lets it acknowledge it (WINDOW_UPDATEs and a PING more), cancel a
+# call (a client may cancel as many calls as it lets finish) and ask again with a large
+# header block; gRPC clients widen each new stream's window.
+EARNED = {
+    "window_update": (WINDOW_UPDATES_PER_DATA, WINDOW_UPDATES_PER_DATA, 1.0),
+    "ping": (1.0, 1.0, 0.0),
+    "reset": (1.0, 0.0, 0.0),
+    "header_bytes": (2048.0, 0.0, 0.0),
+}
+NOTHING = (0.0, 0.0, 0.0)
 LINGER_S = 1.0  # after an error's GOAWAY, how long the peer has to read it before we close
 # One read of a connection may hold a quarter MiB of frames: parsed in one go, a burst of
 # Rapid Reset streams on 8 connections stalled the loop 200 ms and everyone's calls with
@@ -220,8 +231,9 @@ class Endpoint(asyncio.Protocol):
         self.resets: set[int] = set()  # streams we reset lately
         self._loop = asyncio.get_running_loop()
         self._out: list[bytes] | None = None  # frames waiting for this loop pass to end
+        self.earnings = earnings = Earnings()
         self.budgets = {
-            kind: Budget(*getattr(limits, kind + "_rate"))
+            kind: Budget(*getattr(limits, kind + "_rate"), earnings, EARNED.get(kind, NOTHING))
             for kind in (
                 "settings",
                 "ping",
@@ -232,8 +244,6 @@ class Endpoint(asyncio.Protocol):
                 "header_bytes",
             )
         }
-        self._window_updates, self._pings = self.budgets["window_update"], self.budgets["ping"]
-        self._header_bytes, self._resets = self.budgets["header_bytes"], self.budgets["reset"]
 
     # hooks
 
@@ -734,7 +744,7 @@ class Endpoint(asyncio.Protocol):
         sid = stream.id.to_bytes(4, "big")
         size = len(data)
         head = len(headers).to_bytes(3, "big") + bytes((HEADERS, END_HEADERS)) + sid + headers
-        self._earn()
+        self.earnings.answers += 1
         if size <= self.send_window and size <= stream.window and size <= self.peer_frame:
             self.send_window -= size
             stream.window -= size
@@ -761,7 +771,7 @@ class Endpoint(asyncio.Protocol):
 
     def send_headers_only(self, stream: Stream, headers: bytes) -> None:
         """One HEADERS frame that ends our side (gRPC's trailers-only answer)."""
-        self._earn()
+        self.earnings.answers += 1
         self.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, headers))
         stream.sent = True
         self.on_sent(stream)
@@ -779,7 +789,7 @@ class Endpoint(asyncio.Protocol):
 
     def finish(self, stream: Stream, trailers: bytes) -> None:
         """END_STREAM on trailing HEADERS, once everything sent before has left."""
-        self._earn()
+        self.earnings.answers += 1
         stream.trailers, stream.closing = trailers, True
         self._send_data(stream)
 
@@ -788,14 +798,6 @@ class Endpoint(asyncio.Protocol):
         if stream.pending is not None and not stream.sent:
             stream.writable = self._loop.create_future()
             await stream.writable
-
-    def _earn(self) -> None:
-        """Each answer lets the peer acknowledge it (WINDOW_UPDATEs and a PING more), cancel
-        a call and ask again with a large header block."""
-        self._window_updates.earn(WINDOW_UPDATES_PER_DATA)
-        self._pings.earn(1.0)
-        self._resets.earn(1.0)  # a client may cancel as many calls as it lets finish
-        self._header_bytes.earn(2048.0)
 
     def reset(self, stream_id: int, code: int) -> None:
         if len(self.resets) >= 1024:
@@ -830,9 +832,7 @@ class Endpoint(asyncio.Protocol):
         stream.pending = pending
         if chunks:
             self.write(b"".join(chunks))
-            # a peer acknowledges what we send
-            self._window_updates.earn(WINDOW_UPDATES_PER_DATA * len(chunks))
-            self._pings.earn(len(chunks))
+            self.earnings.chunks += len(chunks)  # a peer acknowledges what we send
         if pending is None:
             if stream.writable is not None and not stream.writable.done():
                 stream.writable.set_result(None)

@@ -222,7 +222,7 @@ class ServerConnection(Endpoint):
         stream = self.streams[stream_id] = Stream(
             stream_id, self.peer_window, self.limits.stream_window
         )
-        self._window_updates.earn(1.0)  # gRPC clients widen each new stream's window
+        self.earnings.streams += 1
         stream.headers = fields
         if problem is HAS_LENGTH:
             stream.expected = int(next(v for n, v in fields if n == "content-length"))
