@@ -149,7 +149,13 @@ def grpc_status(
 
 async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     """End a call with the error's status (raises); anything but a CoalesceError is a bug."""
+    await context.abort(*status_of(exc, method))
+
+
+def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a call that raised `exc` ends with; anything but a CoalesceError
+    is a bug, logged."""
     if isinstance(exc, CoalesceError):
-        await context.abort(exc.code, exc.message)
+        return exc.code, exc.message
     log.error("bug answering %s", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

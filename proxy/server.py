@@ -116,7 +116,10 @@ class Server:
         handlers = [kserve.handler(), *TFServingService(self.router).handlers()]
         reuse = self.config.workers > 1
         self._native = NativeServer(
-            [*handlers, *_generic_handlers(self.health)], limit, self.config.http2
+            [*handlers, *_generic_handlers(self.health)],
+            limit,
+            self.config.http2,
+            fast=kserve.fast_methods(),
         )
         self.port = await self._native.start(
             self.config.listen,

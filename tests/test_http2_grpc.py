@@ -21,6 +21,7 @@ import tritonclient.grpc.aio as aio
 from coalesce import config as config_module
 from coalesce.codecs import wire
 from coalesce.config import ConfigError
+from coalesce.http2.grpc_server import GrpcApp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -157,18 +158,60 @@ async def test_a_cancelled_call_leaves_the_server_and_other_calls_alone():
         await client.close()
 
 
-async def test_calls_the_peer_resets_in_the_same_read_never_start():
+async def test_calls_queued_behind_a_busy_backend_cost_no_task_each():
+    """While the backend is busy, a ModelInfer of a known layout is queued as the parser
+    completes it and answered from its future's callback (KServeService.begin): no
+    task of ours per call, and each caller still gets its own rows, its own deadline."""
+    loop = asyncio.get_running_loop()
+    async with running(CONFIG) as server:
+        x = np.ones((1, 4), np.float32)
+        client, gated, first = await held_call(server, x)  # its layout is learnt
+        batcher = server.router.backends["gated"].batcher
+        ours = []
+
+        def factory(loop, coro, **kwargs):
+            if getattr(coro, "__qualname__", "").startswith("GrpcApp."):
+                ours.append(coro.__qualname__)
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(factory)
+        try:
+            queued = [
+                asyncio.ensure_future(client.infer("gated", inputs(x=(i + 2) * x)))
+                for i in range(20)
+            ]
+            late = asyncio.ensure_future(client.infer("gated", inputs(x=-x), client_timeout=0.2))
+            for _ in range(500):
+                if batcher.queued_rows >= 21:
+                    break
+                await asyncio.sleep(0.01)
+            assert batcher.queued_rows == 21
+        finally:
+            loop.set_task_factory(None)
+        assert ours == []
+        with pytest.raises(InferenceServerException) as error:
+            await late
+        assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        gated.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *queued), 5)
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.as_numpy("y"), 2 * (i + 1) * x + 1)
+        assert not (np.concatenate(gated.seen) == -x).all(axis=1).any()
+        await client.close()
+
+
+async def test_calls_the_peer_resets_in_the_same_read_never_start(monkeypatch):
     """Rapid Reset's currency is work started for streams the peer cancels at once: a
     call's handler starts only once the parser is through the read that completed it,
-    so HEADERS + DATA + RST_STREAM read together cost no task."""
-    loop = asyncio.get_running_loop()
+    so HEADERS + DATA + RST_STREAM read together cost no task and no batcher's time."""
     started = []
+    start = GrpcApp.start
 
-    def factory(loop, coro, **kwargs):
-        if getattr(coro, "__qualname__", "") == "GrpcApp._unary":
-            started.append(coro)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+    def counted(self, connection, stream, message, flag):
+        started.append(stream.id)
+        start(self, connection, stream, message, flag)
 
+    monkeypatch.setattr(GrpcApp, "start", counted)
     async with running(CONFIG) as server:
         block = h2.request_block("/inference.GRPCInferenceService/ModelInfer")
         burst = b"".join(
@@ -183,11 +226,7 @@ async def test_calls_the_peer_resets_in_the_same_read_never_start():
                 p.send(burst)
                 p.ping()  # read after the burst: every stream in it was parsed
 
-        loop.set_task_factory(factory)
-        try:
-            await in_thread(attack)
-        finally:
-            loop.set_task_factory(None)
+        await in_thread(attack)
         # (a read may end between a call's DATA and its RST_STREAM)
         assert len(started) <= 2, f"{len(started)} of 200 reset calls were started"
         client = aio.InferenceServerClient(address(server))

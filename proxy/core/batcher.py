@@ -156,9 +156,7 @@ class Batcher:
         request at light load should cost. Anything that arrives meanwhile queues
         and the scheduler sends it when the slot frees.
         """
-        if self._queued or self._in_flight >= self._policy.max_in_flight or self._closed:
-            return await self.submit(request, key)
-        if self._policy.max_delay_ms or request.rows > self.capacity():
+        if not self.takes_directly(request):
             return await self.submit(request, key)
         self._in_flight += 1
         try:
@@ -175,6 +173,13 @@ class Batcher:
             if self._queued:  # else the scheduler has nothing to do: let it sleep
                 self._wakeup.set()
             self._settled.set()
+
+    def takes_directly(self, request: InferRequest) -> bool:
+        """Whether infer() would call the backend at once, in the caller's task."""
+        policy = self._policy
+        if self._queued or self._in_flight >= policy.max_in_flight or self._closed:
+            return False
+        return not policy.max_delay_ms and request.rows <= self.capacity()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; wait up to `timeout` s for the queued and in-flight ones."""

@@ -19,8 +19,9 @@ import logging
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine, Iterable
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -96,6 +97,17 @@ class Context:
         await self.writer(message)
 
 
+class Begin(Protocol):
+    """A unary method our listener may serve without a task (GrpcApp `fast`). It starts
+    the call at once and returns (future, finish): the answer's bytes are finish(future)
+    once the future is done. Or a coroutine of the answer's bytes, run in a task; or
+    None: the handler serves the call. A failed call raises Abort, from any of them."""
+
+    def __call__(
+        self, request: Any, context: Context
+    ) -> tuple[asyncio.Future, Callable[[asyncio.Future], bytes]] | Coroutine | None: ...
+
+
 class _Details(NamedTuple):  # grpc.HandlerCallDetails, for generic handlers' service()
     method: str
     invocation_metadata: tuple
@@ -109,15 +121,23 @@ class _Plain(NamedTuple):  # the HTTP answer to a request that is no gRPC call
 class Call:
     """What a call's HEADERS said, kept on its stream until the body has come."""
 
-    __slots__ = ("context", "deadline", "encoding", "handler", "messages", "started")
+    __slots__ = ("begin", "context", "deadline", "encoding", "handler", "messages", "started")
 
-    def __init__(self, handler: Any, context: Context, deadline: float | None, encoding: str):
+    def __init__(
+        self,
+        handler: Any,
+        context: Context,
+        deadline: float | None,
+        encoding: str,
+        begin: Begin | None = None,
+    ):
         self.handler, self.context, self.deadline, self.encoding = (
             handler,
             context,
             deadline,
             encoding,
         )
+        self.begin = begin
         self.messages: Messages | None = None
         self.started = False  # response HEADERS sent: the status goes in trailers
 
@@ -174,8 +194,14 @@ class Messages:
 class GrpcApp:
     """Turns HTTP/2 requests into calls of our gRPC handlers."""
 
-    def __init__(self, handlers: Iterable[grpc.GenericRpcHandler], max_message: int) -> None:
+    def __init__(
+        self,
+        handlers: Iterable[grpc.GenericRpcHandler],
+        max_message: int,
+        fast: dict[str, Begin] | None = None,
+    ) -> None:
         self._handlers = list(handlers)
+        self._fast = dict(fast or {})
         self._methods: dict[str, Any] = {}
         self._loop = asyncio.get_running_loop()
         self.max_message = max_message
@@ -252,7 +278,7 @@ class GrpcApp:
         context = Context(
             deadline, tuple(metadata), connection.peer, self._loop.time, connection.auth
         )
-        call = stream.call = Call(handler, context, deadline, encoding)
+        call = stream.call = Call(handler, context, deadline, encoding, self._fast.get(path))
         stream.framed = True
         if handler.request_streaming or handler.response_streaming:
             stream.streaming = True
@@ -282,7 +308,42 @@ class GrpcApp:
 
     def start(self, connection: ServerConnection, stream: Stream, message: bytes, flag: int):
         """A unary call whose request the parser has passed (ServerConnection.start_ready)."""
-        self._start(connection, stream, self._unary(connection, stream, message, flag))
+        call = stream.call
+        if call.begin is not None and not flag:
+            try:
+                deserialize = call.handler.request_deserializer
+                begun = call.begin(deserialize(message) if deserialize else message, call.context)
+            except Abort as abort:
+                self._fail(stream, connection, abort.code, abort.details)
+                return
+            except Exception as exc:
+                self._bug(stream, connection, call.handler, exc)
+                return
+            if type(begun) is tuple:
+                future, finish = begun
+                stream.task = future
+                future.add_done_callback(partial(self._settle, connection, stream, finish))
+                self._expire_at(connection, stream, future)
+                return
+            if begun is not None:
+                self._start(connection, stream, self._answer(connection, stream, begun))
+                return
+        work = self._unary(call, message, flag)
+        self._start(connection, stream, self._answer(connection, stream, work))
+
+    def _settle(self, connection, stream, finish, future: asyncio.Future) -> None:
+        """A Begin's call is done."""
+        if future.cancelled():
+            return  # reset by the peer, its deadline passed (_expire answered), or shutdown
+        try:
+            data = finish(future)
+        except Abort as abort:
+            self._fail(stream, connection, abort.code, abort.details)
+            return
+        except Exception as exc:
+            self._bug(stream, connection, stream.call.handler, exc)
+            return
+        _respond(connection, stream, data)
 
     def data(self, connection: ServerConnection, stream: Stream, end: bool) -> None:
         """More of a streaming call's body: complete messages go to its reader."""
@@ -313,10 +374,13 @@ class GrpcApp:
         stream.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        self._expire_at(connection, stream, task)
+
+    def _expire_at(self, connection, stream, future: asyncio.Future) -> None:
         deadline = stream.call.deadline
         if deadline is not None:
             timer = self._loop.call_at(deadline, self._expire, connection, stream)
-            task.add_done_callback(lambda _: timer.cancel())
+            future.add_done_callback(lambda _: timer.cancel())
 
     async def decode(self, handler: Any, message: bytes, flag: int, encoding: str) -> Any:
         if flag:
@@ -352,28 +416,29 @@ class GrpcApp:
 
         return await asyncio.to_thread(inflate) if len(data) > _INLINE_INFLATE else inflate()
 
-    async def _unary(self, connection, stream, message: bytes, flag: int) -> None:
-        call = stream.call
+    async def _unary(self, call: Call, message: bytes, flag: int) -> bytes:
         handler = call.handler
+        if flag:
+            message = await self._inflate(message, call.encoding)
+        deserialize = handler.request_deserializer
+        request = deserialize(message) if deserialize else message
+        response = await handler.unary_unary(request, call.context)
+        serialize = handler.response_serializer
+        return serialize(response) if serialize else response
+
+    async def _answer(self, connection, stream, work: Coroutine) -> None:
+        """A unary call's answer: what `work` returns, or its error's status."""
         try:
-            if flag:
-                message = await self._inflate(message, call.encoding)
-            deserialize = handler.request_deserializer
-            request = deserialize(message) if deserialize else message
-            response = await handler.unary_unary(request, call.context)
-            serialize = handler.response_serializer
-            data = serialize(response) if serialize else response
+            data = await work
         except Abort as abort:
             self._fail(stream, connection, abort.code, abort.details)
             return
         except asyncio.CancelledError:
             return  # reset by the peer, its deadline passed (_expire answered), or shutdown
         except Exception as exc:
-            log.error("bug answering %s", handler, exc_info=exc)
-            self._fail(stream, connection, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            self._bug(stream, connection, stream.call.handler, exc)
             return
-        framed = b"\x00" + len(data).to_bytes(4, "big") + data
-        connection.answer(stream, RESPONSE_HEADERS, framed, OK_TRAILERS)
+        _respond(connection, stream, data)
 
     async def _streaming(self, connection, stream, call: Call) -> None:
         handler, context = call.handler, call.context
@@ -410,10 +475,13 @@ class GrpcApp:
         except asyncio.CancelledError:
             return
         except Exception as exc:
-            log.error("bug answering %s", handler, exc_info=exc)
-            self._fail(stream, connection, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            self._bug(stream, connection, handler, exc)
             return
         self._fail(stream, connection, grpc.StatusCode.OK, "")
+
+    def _bug(self, stream: Stream, connection: ServerConnection, handler, exc: Exception) -> None:
+        log.error("bug answering %s", handler, exc_info=exc)
+        self._fail(stream, connection, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
 
     def _expire(self, connection: ServerConnection, stream: Stream) -> None:
         if stream.task is not None and not stream.task.done():
@@ -432,6 +500,11 @@ class GrpcApp:
             connection.answer_headers_only(stream, RESPONSE_HEADERS + trailers)
 
 
+def _respond(connection: ServerConnection, stream: Stream, data: bytes) -> None:
+    framed = b"\x00" + len(data).to_bytes(4, "big") + data
+    connection.answer(stream, RESPONSE_HEADERS, framed, OK_TRAILERS)
+
+
 def _plain(connection: ServerConnection, stream: Stream, status: bytes, text: bytes) -> None:
     """An HTTP answer with a body for what is no gRPC call (a browser, curl, a prober)."""
     headers = literal(b":status", status) + literal(b"content-type", b"text/plain")
@@ -446,8 +519,9 @@ class NativeServer:
         handlers: Iterable[grpc.GenericRpcHandler],
         max_message: int,
         limits: Limits | None = None,
+        fast: dict[str, Begin] | None = None,
     ) -> None:
-        self.app = GrpcApp(handlers, max_message)
+        self.app = GrpcApp(handlers, max_message, fast)
         self.listener = Listener(self.app, max_message + 5, limits or Limits())
         self.port = 0
 
