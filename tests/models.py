@@ -81,6 +81,19 @@ class GatedEcho(Gated):
         return {"y": inputs["x"]}
 
 
+class FailingLimit(Gated):
+    """Like Gated, with a batch limit that raises while `failing` is set: a fault in
+    user code that the batcher's scheduler itself runs."""
+
+    failing = False
+
+    @property
+    def max_batch_size(self) -> int:
+        if self.failing:
+            raise RuntimeError("limit lookup failed")
+        return 64
+
+
 class WrongRows:
     """A broken model: returns one row too few."""
 
@@ -109,6 +122,10 @@ def gated() -> Gated:
 
 def gated_echo() -> GatedEcho:
     return GatedEcho()
+
+
+def failing_limit() -> FailingLimit:
+    return FailingLimit()
 
 
 def wrong_rows() -> WrongRows:

@@ -192,6 +192,32 @@ async def test_a_bad_request_is_isolated_and_its_batch_mates_succeed(gated_serve
     assert model.batches[1] == 8  # they did share a batch, which was then split
 
 
+async def test_a_fault_in_the_scheduler_answers_the_queued_calls_and_serving_goes_on():
+    async with running(config("failing_limit")) as server:
+        model = model_of(server, "b")
+        client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+        first = await hold_backend(model, client)
+        queued = [asyncio.create_task(check(client, rows(i))) for i in range(3)]
+        await wait_queued(server, 3)
+        model.failing = True  # the scheduler reads the limit when it takes the next batch
+        model.gate.set()
+        await first
+        for call in queued:
+            with pytest.raises(InferenceServerException) as error:
+                await asyncio.wait_for(call, 5)
+            assert error.value.status() == "StatusCode.INTERNAL"
+            assert "limit lookup failed" in error.value.message()
+        model.failing = False
+        model.gate.clear()
+        first = await hold_backend(model, client)  # so the next calls queue again
+        later = [asyncio.create_task(check(client, rows(i))) for i in range(5)]
+        await wait_queued(server, 5)
+        model.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 5)
+        assert model.batches[-1] == 5
+        await client.close()
+
+
 async def test_a_model_returning_the_wrong_rows_is_an_internal_error():
     async with running(config("wrong_rows")) as server:
         client = aio.InferenceServerClient(f"127.0.0.1:{server.port}")

@@ -216,7 +216,11 @@ class Batcher:
         concurrent = self._policy.max_in_flight > 1
         try:
             while True:
-                slices = await self._collect()
+                try:
+                    slices = await self._collect()
+                except Exception as exc:  # user code it runs (a limit) or a bug: answer,
+                    self._fail_queued(self._failed(self._queued, exc))  # go on serving
+                    continue
                 self._in_flight += 1
                 if not concurrent:
                     await self._dispatch(slices)
