@@ -8,6 +8,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aio
+from coalesce.config import Batching
+from coalesce.core.batcher import Batcher
+from coalesce.core.request import InferRequest
 from tritonclient.utils import InferenceServerException
 
 from tests.client import affine_expected, inputs
@@ -216,6 +219,32 @@ async def test_a_fault_in_the_scheduler_answers_the_queued_calls_and_serving_goe
         await asyncio.wait_for(asyncio.gather(first, *later), 5)
         assert model.batches[-1] == 5
         await client.close()
+
+
+async def test_the_next_batch_goes_out_before_the_last_one_is_split_for_its_callers():
+    """The backend is idle from its answer until our next call reaches it: splitting
+    and answering a batch waits until the next one is sent (a backend that runs one
+    call at a time was idle ~30% longer between calls before)."""
+    seen, gate = [], asyncio.Event()
+
+    async def backend(inputs, timeout):
+        seen.append((len(inputs["x"]), [f.done() for f in futures]))
+        if len(seen) == 1:
+            await gate.wait()
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher("b", backend, Batching())
+    batcher.start()
+    futures = [batcher.submit(InferRequest({"x": rows(0)}, 1))]
+    while not seen:
+        await asyncio.sleep(0.001)
+    futures += [batcher.submit(InferRequest({"x": rows(i)}, 1)) for i in (1, 2, 3)]
+    gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert seen == [(1, [False]), (3, [False, False, False, False])]
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer["y"], rows(i) * 2)
+    await batcher.close()
 
 
 async def test_a_model_returning_the_wrong_rows_is_an_internal_error():

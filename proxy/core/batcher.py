@@ -319,9 +319,7 @@ class Batcher:
         """
         try:
             outputs = await self._call_backend(slices)
-            start, sizes = time.perf_counter(), [b - a for _, a, b in slices]
-            parts = batching.split(outputs, sizes, self.name)
-            self.stats.split(sum(sizes), time.perf_counter() - start)
+            batching.check_rows(outputs, sum(b - a for _, a, b in slices), self.name)
         except Exception as exc:
             code = exc.code if isinstance(exc, CoalesceError) else grpc.StatusCode.INTERNAL
             if code in ISOLATE and len(slices) > 1:
@@ -331,8 +329,14 @@ class Batcher:
                 await self._attempt(slices[half:])
                 return
             self._fail(slices, self._failed(sum(b - a for _, a, b in slices), exc))
-        else:
-            self._deliver(slices, parts)
+        else:  # after this step, which sends the next batch: the backend is not kept idle
+            self._loop.call_soon(self._split, slices, outputs)  # while callers are answered
+
+    def _split(self, slices: list[_Slice], outputs: Tensors) -> None:
+        start, sizes = time.perf_counter(), [b - a for _, a, b in slices]
+        parts = batching.views(outputs, sizes)
+        self.stats.split(sum(sizes), time.perf_counter() - start)
+        self._deliver(slices, parts)
 
     async def _call_backend(self, slices: list[_Slice]) -> Tensors:
         # durations by the clock, not loop.time(): uvloop's ticks in whole milliseconds

@@ -35,15 +35,24 @@ def merge(slices: Sequence[Slice]) -> Tensors:
     return {name: np.concatenate([s[0][name][s[1] : s[2]] for s in slices]) for name in names}
 
 
-def split(outputs: Tensors, counts: Sequence[int], backend: str) -> list[Tensors]:
-    """Each slice's rows of every output, as views, in slice order."""
-    total = sum(counts)
+def check_rows(outputs: Tensors, total: int, backend: str) -> None:
+    """Every output has one row per row of the batch (else INTERNAL, naming it)."""
     for name, array in outputs.items():
         if array.ndim == 0 or array.shape[0] != total:
             raise Internal(
                 f"backend '{backend}' returned output '{name}' with shape {list(array.shape)} "
                 f"for a batch of {total} rows"
             )
+
+
+def split(outputs: Tensors, counts: Sequence[int], backend: str) -> list[Tensors]:
+    """Each slice's rows of every output, as views, in slice order."""
+    check_rows(outputs, sum(counts), backend)
+    return views(outputs, counts)
+
+
+def views(outputs: Tensors, counts: Sequence[int]) -> list[Tensors]:
+    """split() of outputs already checked."""
     if len(counts) == 1:
         return [outputs]
     parts, start = [], 0
